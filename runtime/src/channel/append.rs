@@ -1,0 +1,24 @@
+//! Append: a list that only grows. A written list is extended item by item; any other value is pushed.
+//! The reduction reports the new items so the store keeps deltas, not the whole list each step.
+
+use serde_json::Value;
+
+use super::Reduced;
+use crate::error::Result;
+
+pub(super) fn reduce(current: Option<&Value>, writes: Vec<Value>) -> Result<Reduced> {
+    let mut items = Vec::with_capacity(writes.len());
+    for write in writes {
+        match write {
+            Value::Array(list) => items.extend(list),
+            other => items.push(other),
+        }
+    }
+    let mut value = match current {
+        Some(Value::Array(list)) => list.clone(),
+        Some(Value::Null) | None => Vec::new(),
+        Some(other) => vec![other.clone()],
+    };
+    value.extend(items.iter().cloned());
+    Ok(Reduced::Appended { value: Value::Array(value), items })
+}

@@ -1,0 +1,9 @@
+//! Ephemeral: like last value, but the engine clears it after the step that follows its write.
+
+use serde_json::Value;
+
+use crate::error::Result;
+
+pub(super) fn reduce(name: &str, writes: Vec<Value>) -> Result<Value> {
+    super::last_value::reduce(name, writes)
+}

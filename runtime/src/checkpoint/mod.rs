@@ -1,0 +1,490 @@
+//! The checkpoint store: one trait, three backends (PostgreSQL, SQLite, memory).
+//!
+//! A thread is a sequence of checkpoints per namespace (the root graph is namespace `""`,
+//! subgraphs get their own). Each checkpoint names the version of every channel; a channel's
+//! value is stored once per version, and append channels store only their new items, so a
+//! thread's storage grows linearly with its steps. Checkpoint ids are a per-thread sequence
+//! allocated by the lease holder, so a retried commit is recognisable and chains never fork.
+//!
+//! Single writer per thread: [`Checkpointer::acquire`] hands out a [`Lease`] with an epoch, and
+//! every commit is fenced by it inside the committing transaction. Workers that run tasks of the
+//! current step need no lease: their writes are fenced by the checkpoint id instead.
+
+pub mod memory;
+pub mod postgres;
+pub mod sqlite;
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+pub use memory::MemoryCheckpointer;
+pub use postgres::PostgresCheckpointer;
+pub use sqlite::SqliteCheckpointer;
+
+/// A graph's identity, recorded with each thread so a thread is not resumed by another graph.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphIdentity {
+    /// The graph's name.
+    pub name: String,
+    /// Hash of the graph's structure (nodes, edges, channels).
+    pub hash: String,
+}
+
+impl fmt::Display for GraphIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.hash)
+    }
+}
+
+/// What a runner asks for when it takes a thread.
+#[derive(Debug, Clone)]
+pub struct LeaseRequest<'a> {
+    /// The thread.
+    pub thread: &'a str,
+    /// Who asks (shown to a runner that is refused).
+    pub owner: &'a str,
+    /// The graph that will run the thread.
+    pub graph: &'a GraphIdentity,
+    /// Take the thread even if another graph created it.
+    pub allow_graph_change: bool,
+}
+
+/// The right to commit checkpoints on one thread, with its fencing epoch.
+///
+/// Dropping it releases it (backends bind it to a database session or a process).
+pub struct Lease {
+    /// The thread.
+    pub thread: String,
+    /// The owner name given when acquiring.
+    pub owner: String,
+    /// The fencing token: commits carrying an older epoch are refused.
+    pub epoch: u64,
+    next_seq: AtomicU64,
+    _guard: Option<Box<dyn Any + Send + Sync>>,
+}
+
+impl fmt::Debug for Lease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lease")
+            .field("thread", &self.thread)
+            .field("owner", &self.owner)
+            .field("epoch", &self.epoch)
+            .finish()
+    }
+}
+
+impl Lease {
+    /// Builds a lease; `max_seq` is the highest checkpoint id the thread has.
+    pub fn new(thread: &str, owner: &str, epoch: u64, max_seq: u64, guard: Option<Box<dyn Any + Send + Sync>>) -> Self {
+        Lease {
+            thread: thread.to_owned(),
+            owner: owner.to_owned(),
+            epoch,
+            next_seq: AtomicU64::new(max_seq + 1),
+            _guard: guard,
+        }
+    }
+
+    /// Allocates the id of the next checkpoint on this thread.
+    pub fn next_checkpoint_id(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Where a checkpoint came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// The run's input was applied (the run's admission).
+    Input,
+    /// A super-step of the loop.
+    Loop,
+    /// `update_state` wrote to it from outside.
+    Update,
+    /// A copy of another checkpoint, made to branch from it.
+    Fork,
+}
+
+impl Source {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Input => "input",
+            Source::Loop => "loop",
+            Source::Update => "update",
+            Source::Fork => "fork",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "input" => Source::Input,
+            "loop" => Source::Loop,
+            "update" => Source::Update,
+            "fork" => Source::Fork,
+            _ => return None,
+        })
+    }
+}
+
+/// A channel's stored version, named in a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelVersion {
+    /// The id of the checkpoint that wrote this version.
+    pub v: u64,
+    /// Whether the stored row is a delta on an earlier version (append channels).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub d: bool,
+}
+
+/// A task scheduled for the next super-step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub enum PendingTask {
+    /// Run `node` on the state.
+    Pull {
+        /// The node.
+        node: String,
+    },
+    /// Run `node` with its own payload (a Send packet).
+    Push {
+        /// The node.
+        node: String,
+        /// The payload.
+        arg: Value,
+    },
+}
+
+/// The engine's part of a checkpoint, stored as one document.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointBody {
+    /// Version of every channel that has a value.
+    pub versions: BTreeMap<String, ChannelVersion>,
+    /// Tasks of the next super-step; empty once the run reached END.
+    pub next: Vec<PendingTask>,
+    /// Join barriers: for each waiting node, the predecessors that have finished.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub barriers: BTreeMap<String, Vec<String>>,
+    /// Ephemeral channels written by the step that made this checkpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fresh: Vec<String>,
+}
+
+/// One stored version of one channel: a whole value, or the items appended since `base`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelBlob {
+    /// The channel.
+    pub channel: String,
+    /// The version (id of the checkpoint that wrote it).
+    pub version: u64,
+    /// For a delta, the version it extends.
+    pub base: Option<u64>,
+    /// JSON bytes: the value, or for a delta the list of new items.
+    pub data: Vec<u8>,
+}
+
+/// A checkpoint as committed.
+#[derive(Debug, Clone)]
+pub struct NewCheckpoint {
+    /// Its id (from [`Lease::next_checkpoint_id`]).
+    pub id: u64,
+    /// The checkpoint it follows, if any.
+    pub parent: Option<u64>,
+    /// The head the committer built on; the commit fails if the head moved.
+    pub expected_head: Option<u64>,
+    /// Super-steps completed in this namespace.
+    pub step: u64,
+    /// Where it came from.
+    pub source: Source,
+    /// Channel versions, next tasks, barriers.
+    pub body: CheckpointBody,
+    /// Free-form metadata (JSON object): tasks that ran, the writer, user tags.
+    pub metadata: Value,
+}
+
+/// One super-step's commit: the checkpoint and the channel values it changed.
+#[derive(Debug, Clone)]
+pub struct StepCommit {
+    /// The thread.
+    pub thread: String,
+    /// The checkpoint namespace (`""` for the root graph).
+    pub ns: String,
+    /// The new checkpoint.
+    pub checkpoint: NewCheckpoint,
+    /// Channel versions written by this step.
+    pub blobs: Vec<ChannelBlob>,
+}
+
+/// A checkpoint read back, its channel values materialised.
+#[derive(Debug, Clone)]
+pub struct StoredCheckpoint {
+    /// Its id.
+    pub id: u64,
+    /// The namespace.
+    pub ns: String,
+    /// The checkpoint it follows.
+    pub parent: Option<u64>,
+    /// Super-steps completed.
+    pub step: u64,
+    /// Where it came from.
+    pub source: Source,
+    /// Versions, next tasks, barriers.
+    pub body: CheckpointBody,
+    /// Channel values.
+    pub values: BTreeMap<String, Value>,
+    /// Metadata.
+    pub metadata: Value,
+    /// When it was committed.
+    pub created_at: SystemTime,
+}
+
+/// A checkpoint's summary, as listed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckpointMeta {
+    /// Its id.
+    pub id: u64,
+    /// The namespace.
+    pub ns: String,
+    /// The checkpoint it follows.
+    pub parent: Option<u64>,
+    /// Super-steps completed.
+    pub step: u64,
+    /// Where it came from.
+    pub source: Source,
+    /// Metadata.
+    pub metadata: Value,
+}
+
+/// Which checkpoints to list (newest first).
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only checkpoints older than this id.
+    pub before: Option<u64>,
+    /// At most this many.
+    pub limit: Option<usize>,
+    /// Only checkpoints of this source.
+    pub source: Option<Source>,
+}
+
+impl ListFilter {
+    pub(crate) fn admits(&self, id: u64, source: Source) -> bool {
+        self.before.is_none_or(|b| id < b) && self.source.is_none_or(|s| s == source)
+    }
+}
+
+/// What a pending write records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WriteKind {
+    /// The task's finished output (its writes and where it routes).
+    Output,
+    /// The recorded result of a journaled call inside the task.
+    Journal,
+    /// An interrupt raised by the task, waiting for a resume value.
+    Interrupt,
+    /// A resume value for one of the task's interrupts.
+    Resume,
+    /// The task failed for good.
+    Error,
+}
+
+impl WriteKind {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteKind::Output => "output",
+            WriteKind::Journal => "journal",
+            WriteKind::Interrupt => "interrupt",
+            WriteKind::Resume => "resume",
+            WriteKind::Error => "error",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "output" => WriteKind::Output,
+            "journal" => WriteKind::Journal,
+            "interrupt" => WriteKind::Interrupt,
+            "resume" => WriteKind::Resume,
+            "error" => WriteKind::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// A write recorded against a task of the current step before the step commits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingWrite {
+    /// The task's id.
+    pub task: String,
+    /// What it records.
+    pub kind: WriteKind,
+    /// Distinguishes several writes of one kind (journal key, interrupt id); `""` otherwise.
+    pub key: String,
+    /// JSON bytes.
+    pub data: Vec<u8>,
+}
+
+/// Which step a pending write belongs to.
+#[derive(Debug, Clone, Copy)]
+pub struct StepRef<'a> {
+    /// The thread.
+    pub thread: &'a str,
+    /// The namespace.
+    pub ns: &'a str,
+    /// The checkpoint the step started from; writes are refused once the head moved past it.
+    pub checkpoint: u64,
+}
+
+/// What happened to pending writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// All were recorded.
+    Accepted,
+    /// Some were recorded already (the first write of a task/kind/key wins); the rest were.
+    Duplicate,
+}
+
+/// A thread's record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ThreadInfo {
+    /// The thread.
+    pub thread: String,
+    /// The graph that owns it.
+    pub graph: GraphIdentity,
+    /// The current lease epoch.
+    pub epoch: u64,
+    /// The last lease holder.
+    pub owner: Option<String>,
+}
+
+/// The checkpoint store.
+#[async_trait]
+pub trait Checkpointer: Send + Sync + 'static {
+    /// The backend's name (`postgres`, `sqlite`, `memory`).
+    fn backend(&self) -> &'static str;
+
+    /// Takes a thread's lease, creating the thread if it is new. Fails with [`Error::LeaseHeld`]
+    /// while another live runner holds it, and [`Error::GraphMismatch`] if another graph owns it.
+    async fn acquire(&self, request: LeaseRequest<'_>) -> Result<Lease>;
+
+    /// The thread's record, if it exists.
+    async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>>;
+
+    /// Commits one super-step atomically: refused with [`Error::LeaseLost`] if the lease epoch is
+    /// stale, with [`Error::HeadMoved`] if the head is not `expected_head`. A retried commit whose
+    /// checkpoint is already stored succeeds.
+    async fn commit(&self, lease: &Lease, commit: &StepCommit) -> Result<()>;
+
+    /// The head of a namespace.
+    async fn head(&self, thread: &str, ns: &str) -> Result<Option<u64>>;
+
+    /// A checkpoint (`None`: the head), with its values materialised.
+    async fn load(&self, thread: &str, ns: &str, id: Option<u64>) -> Result<Option<StoredCheckpoint>>;
+
+    /// Checkpoints of a namespace, newest first.
+    async fn list(&self, thread: &str, ns: &str, filter: &ListFilter) -> Result<Vec<CheckpointMeta>>;
+
+    /// Records writes of tasks of the current step. Refused with [`Error::StaleTask`] once the
+    /// namespace's head is no longer `step.checkpoint`. The first write of a (task, kind, key) wins.
+    async fn put_writes(&self, step: StepRef<'_>, writes: &[PendingWrite]) -> Result<PutOutcome>;
+
+    /// The pending writes of a checkpoint's step.
+    async fn pending_writes(&self, step: StepRef<'_>) -> Result<Vec<PendingWrite>>;
+
+    /// Deletes a thread and everything stored for it.
+    async fn delete_thread(&self, thread: &str) -> Result<()>;
+
+    /// Deletes all but the newest `keep` checkpoints of each namespace (and the channel versions
+    /// only they used). Returns how many checkpoints were deleted.
+    async fn prune(&self, thread: &str, keep: usize) -> Result<u64>;
+}
+
+/// Rebuilds channel values from the blobs a checkpoint names, following delta chains.
+///
+/// `fetch` returns the stored blob of (channel, version).
+pub(crate) fn materialize(
+    body: &CheckpointBody,
+    mut fetch: impl FnMut(&str, u64) -> Option<(Option<u64>, Vec<u8>)>,
+) -> Result<BTreeMap<String, Value>> {
+    let mut values = BTreeMap::new();
+    for (channel, version) in &body.versions {
+        let mut chain = Vec::new();
+        let mut at = Some(version.v);
+        while let Some(v) = at {
+            let (base, data) = fetch(channel, v).ok_or_else(|| corrupt(channel, v))?;
+            chain.push(data);
+            at = base;
+            if !version.d {
+                break;
+            }
+        }
+        let mut value: Option<Value> = None;
+        for data in chain.into_iter().rev() {
+            let part: Value = serde_json::from_slice(&data)?;
+            value = Some(match (value, part) {
+                (Some(Value::Array(mut list)), Value::Array(items)) if version.d => {
+                    list.extend(items);
+                    Value::Array(list)
+                }
+                (_, part) => part,
+            });
+        }
+        values.insert(channel.clone(), value.unwrap_or(Value::Null));
+    }
+    Ok(values)
+}
+
+fn corrupt(channel: &str, version: u64) -> Error {
+    Error::Checkpoint {
+        backend: "store",
+        message: format!("channel `{channel}` version {version} is named by a checkpoint but not stored"),
+        transient: false,
+    }
+}
+
+/// Blob keys still needed by the kept checkpoints: every version they name, and the bases of deltas.
+pub(crate) fn blobs_in_use<'a>(
+    kept: impl IntoIterator<Item = &'a CheckpointBody>,
+    base_of: impl Fn(&str, u64) -> Option<u64>,
+) -> std::collections::BTreeSet<(String, u64)> {
+    let mut used = std::collections::BTreeSet::new();
+    for body in kept {
+        for (channel, version) in &body.versions {
+            let mut at = Some(version.v);
+            while let Some(v) = at {
+                if !used.insert((channel.clone(), v)) {
+                    break;
+                }
+                at = if version.d { base_of(channel, v) } else { None };
+            }
+        }
+    }
+    used
+}
+
+/// A shared handle to any checkpointer.
+pub type SharedCheckpointer = Arc<dyn Checkpointer>;
+
+/// The error for writes that arrive after their step moved on.
+pub(crate) fn stale_task(step: StepRef<'_>, writes: &[PendingWrite]) -> Error {
+    let task = writes
+        .iter()
+        .find(|w| w.kind == WriteKind::Output)
+        .or(writes.first())
+        .map(|w| w.task.clone())
+        .unwrap_or_default();
+    Error::StaleTask { thread: step.thread.to_owned(), task, checkpoint: step.checkpoint }
+}
