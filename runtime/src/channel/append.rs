@@ -6,7 +6,7 @@ use serde_json::Value;
 use super::Reduced;
 use crate::error::Result;
 
-pub(super) fn reduce(current: Option<&Value>, writes: Vec<Value>) -> Result<Reduced> {
+pub(super) fn reduce(current: Option<Value>, writes: Vec<Value>) -> Result<Reduced> {
     let mut items = Vec::with_capacity(writes.len());
     for write in writes {
         match write {
@@ -15,9 +15,9 @@ pub(super) fn reduce(current: Option<&Value>, writes: Vec<Value>) -> Result<Redu
         }
     }
     let mut value = match current {
-        Some(Value::Array(list)) => list.clone(),
+        Some(Value::Array(list)) => list,
         Some(Value::Null) | None => Vec::new(),
-        Some(other) => vec![other.clone()],
+        Some(other) => vec![other],
     };
     value.extend(items.iter().cloned());
     Ok(Reduced::Appended { value: Value::Array(value), items })

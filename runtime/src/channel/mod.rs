@@ -120,8 +120,8 @@ impl Channel {
     }
 
     /// Applies one super-step's writes (already in task-path order) to the current value.
-    pub(crate) fn reduce(&self, name: &str, current: Option<&Value>, writes: Vec<Value>) -> Result<Reduced> {
-        let current = current.or(self.default.as_ref());
+    pub(crate) fn reduce(&self, name: &str, current: Option<Value>, writes: Vec<Value>) -> Result<Reduced> {
+        let current = current.or_else(|| self.default.clone());
         match &self.kind {
             ChannelKind::LastValue => last_value::reduce(name, writes).map(Reduced::Replaced),
             ChannelKind::Ephemeral => ephemeral::reduce(name, writes).map(Reduced::Replaced),
@@ -155,7 +155,7 @@ mod tests {
     #[test]
     fn append_extends_lists_and_pushes_items_and_reports_only_new_items() {
         let reduced =
-            Channel::append().reduce("log", Some(&json!(["a"])), vec![json!("b"), json!(["c", "d"])]).unwrap();
+            Channel::append().reduce("log", Some(json!(["a"])), vec![json!("b"), json!(["c", "d"])]).unwrap();
         assert_eq!(
             reduced,
             Reduced::Appended { value: json!(["a", "b", "c", "d"]), items: vec![json!("b"), json!("c"), json!("d")] }
@@ -165,7 +165,7 @@ mod tests {
     #[test]
     fn merge_replaces_keys_in_write_order() {
         let value = Channel::merge()
-            .reduce("m", Some(&json!({"a": 1, "b": 1})), vec![json!({"b": 2}), json!({"b": 3, "c": 4})])
+            .reduce("m", Some(json!({"a": 1, "b": 1})), vec![json!({"b": 2}), json!({"b": 3, "c": 4})])
             .unwrap()
             .into_value();
         assert_eq!(value, json!({"a": 1, "b": 3, "c": 4}));
@@ -180,7 +180,7 @@ mod tests {
     fn sum_keeps_integers_exact_and_accepts_floats() {
         let sum = Channel::sum();
         assert_eq!(sum.reduce("n", None, vec![json!(2), json!(3)]).unwrap().into_value(), json!(5));
-        assert_eq!(sum.reduce("n", Some(&json!(1)), vec![json!(0.5)]).unwrap().into_value(), json!(1.5));
+        assert_eq!(sum.reduce("n", Some(json!(1)), vec![json!(0.5)]).unwrap().into_value(), json!(1.5));
         assert!(sum.reduce("n", None, vec![json!("x")]).is_err());
     }
 
@@ -191,7 +191,7 @@ mod tests {
             let b = write.as_i64().ok_or("not an integer")?;
             Ok(json!(a.max(b)))
         }));
-        assert_eq!(max.reduce("m", Some(&json!(4)), vec![json!(9), json!(2)]).unwrap().into_value(), json!(9));
+        assert_eq!(max.reduce("m", Some(json!(4)), vec![json!(9), json!(2)]).unwrap().into_value(), json!(9));
         let err = max.reduce("m", None, vec![json!("x")]).unwrap_err();
         assert!(err.to_string().contains("not an integer"));
     }

@@ -5,8 +5,8 @@ use serde_json::Value;
 use super::merge::kind_of;
 use crate::error::{Error, Result};
 
-pub(super) fn reduce(name: &str, current: Option<&Value>, writes: Vec<Value>) -> Result<Value> {
-    let mut total = current.cloned().unwrap_or(Value::from(0));
+pub(super) fn reduce(name: &str, current: Option<Value>, writes: Vec<Value>) -> Result<Value> {
+    let mut total = current.unwrap_or(Value::from(0));
     for write in writes {
         total = add(&total, &write)
             .ok_or_else(|| Error::channel(name, format!("sum channel takes numbers, got {}", kind_of(&write))))?;

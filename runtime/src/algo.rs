@@ -1,0 +1,345 @@
+//! The step algorithm, free of I/O: which tasks a checkpoint schedules, how a task's update
+//! is checked and routed, and how a step's writes apply, in task-path order, so the result
+//! never depends on which task finished first.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::channel::Reduced;
+use crate::checkpoint::{ChannelBlob, ChannelVersion, CheckpointBody, PendingTask};
+use crate::error::{Error, Result};
+use crate::graph::{END, GraphInner, START};
+use crate::state::{Goto, State, Update, Values};
+
+/// A task's place in its step; writes apply in this order (pulls by node name, then pushes).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum TaskPath {
+    Pull(String),
+    Push(usize),
+}
+
+/// One task of a super-step.
+#[derive(Debug, Clone)]
+pub(crate) struct Task {
+    pub(crate) id: String,
+    pub(crate) path: TaskPath,
+    pub(crate) node: String,
+    pub(crate) arg: Option<Value>,
+}
+
+/// A finished task's effect: its channel writes and where it routes. Persisted as the task's
+/// pending write, so a task that finished is never run again within its step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct TaskOutput {
+    pub(crate) writes: Vec<(String, Value)>,
+    pub(crate) goto: Vec<Goto>,
+}
+
+/// The deterministic id of a task: the same in every process that computes it.
+pub(crate) fn task_id(ns: &str, checkpoint: u64, path: &TaskPath) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(ns.as_bytes());
+    h.update(&[0]);
+    h.update(&checkpoint.to_le_bytes());
+    match path {
+        TaskPath::Pull(node) => {
+            h.update(b"pull\0");
+            h.update(node.as_bytes());
+        }
+        TaskPath::Push(index) => {
+            h.update(b"push\0");
+            h.update(&(*index as u64).to_le_bytes());
+        }
+    }
+    h.finalize().to_hex()[..32].to_owned()
+}
+
+/// The tasks a checkpoint schedules, in path order.
+pub(crate) fn tasks_for(ns: &str, checkpoint: u64, body: &CheckpointBody) -> Vec<Task> {
+    let mut pulls = BTreeSet::new();
+    let mut tasks = Vec::with_capacity(body.next.len());
+    let mut pushes = 0usize;
+    for pending in &body.next {
+        let (path, node, arg) = match pending {
+            PendingTask::Pull { node } => {
+                if !pulls.insert(node.clone()) {
+                    continue;
+                }
+                (TaskPath::Pull(node.clone()), node.clone(), None)
+            }
+            PendingTask::Push { node, arg } => {
+                pushes += 1;
+                (TaskPath::Push(pushes - 1), node.clone(), Some(arg.clone()))
+            }
+        };
+        tasks.push(Task { id: task_id(ns, checkpoint, &path), path, node, arg });
+    }
+    tasks.sort_by(|a, b| a.path.cmp(&b.path));
+    tasks
+}
+
+/// Checks a task's update and computes where it routes: Command gotos first, then static
+/// edges, then conditional edges, whose routers read the state with this task's writes applied.
+/// An update that does not fit fails the task, never the store.
+pub(crate) fn finish_task(graph: &GraphInner, node: &str, snapshot: &State, update: Update) -> Result<TaskOutput> {
+    let invalid = |message: String| Error::InvalidUpdate { node: node.to_owned(), message };
+    for (channel, _) in &update.writes {
+        if !graph.channels.contains_key(channel) {
+            return Err(invalid(format!("writes to unknown channel `{channel}`")));
+        }
+    }
+    let declared = graph.routes.get(node);
+    for goto in &update.goto {
+        let target = goto.target();
+        let known = target == END || graph.nodes.contains_key(target);
+        if !known || declared.is_none_or(|d| !d.contains(target)) {
+            return Err(invalid(format!("routes to `{target}`, which is not among its declared routes")));
+        }
+    }
+    let mut goto = update.goto;
+    if let Some(targets) = graph.edges.get(node) {
+        goto.extend(targets.iter().map(Goto::node));
+    }
+    if let Some(branches) = graph.branches.get(node) {
+        let fresh = if update.writes.is_empty() { snapshot.clone() } else { with_writes(graph, node, snapshot, &update.writes)? };
+        for branch in branches {
+            let routed = (branch.router)(&fresh).map_err(|e| invalid(format!("router failed: {e}")))?;
+            for g in routed {
+                if !branch.targets.contains(g.target()) {
+                    return Err(invalid(format!("router chose `{}`, not one of its declared targets", g.target())));
+                }
+                goto.push(g);
+            }
+        }
+    }
+    let output = TaskOutput { writes: update.writes, goto };
+    let size = serde_json::to_vec(&output).map(|v| v.len()).map_err(|e| invalid(format!("not serializable: {e}")))?;
+    if size > graph.max_update_bytes {
+        return Err(invalid(format!("update is {size} bytes, over the limit of {} bytes", graph.max_update_bytes)));
+    }
+    Ok(output)
+}
+
+/// The snapshot with one task's writes applied (what its routers see).
+fn with_writes(graph: &GraphInner, node: &str, snapshot: &State, writes: &[(String, Value)]) -> Result<State> {
+    let mut values = snapshot.values().clone();
+    for (channel, grouped) in group(writes.iter().map(|(c, v)| (c.as_str(), v.clone()))) {
+        let spec = &graph.channels[channel];
+        let current = values.remove(channel).map(|v| Value::clone(&v));
+        let reduced = spec
+            .reduce(channel, current, grouped)
+            .map_err(|e| Error::InvalidUpdate { node: node.to_owned(), message: e.to_string() })?;
+        values.insert(channel.to_owned(), Arc::new(reduced.into_value()));
+    }
+    Ok(State::new(values))
+}
+
+fn group<'a>(writes: impl Iterator<Item = (&'a str, Value)>) -> BTreeMap<&'a str, Vec<Value>> {
+    let mut grouped: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+    for (channel, value) in writes {
+        grouped.entry(channel).or_default().push(value);
+    }
+    grouped
+}
+
+/// A step applied: the next checkpoint's body and the channel versions it stores.
+#[derive(Debug)]
+pub(crate) struct Applied {
+    pub(crate) body: CheckpointBody,
+    pub(crate) blobs: Vec<ChannelBlob>,
+}
+
+/// Applies a step's task outputs (sorted by task path) to the channel values, producing the
+/// body and blobs of checkpoint `new_id`.
+pub(crate) fn apply_step(
+    graph: &GraphInner,
+    prev: &CheckpointBody,
+    values: &mut Values,
+    outputs: &[(&str, &TaskOutput)],
+    new_id: u64,
+) -> Result<Applied> {
+    let mut body = CheckpointBody { versions: prev.versions.clone(), barriers: prev.barriers.clone(), ..Default::default() };
+    let grouped = group(outputs.iter().flat_map(|(_, o)| o.writes.iter().map(|(c, v)| (c.as_str(), v.clone()))));
+    let mut blobs = Vec::with_capacity(grouped.len());
+    for (channel, writes) in grouped {
+        let spec = graph.channels.get(channel).ok_or_else(|| Error::channel(channel, "no such channel"))?;
+        let current = values.remove(channel).map(|v| Arc::try_unwrap(v).unwrap_or_else(|shared| Value::clone(&shared)));
+        let reduced = spec.reduce(channel, current, writes)?;
+        let previous = prev.versions.get(channel).map(|v| v.v);
+        let (value, blob, delta) = match (reduced, previous) {
+            (Reduced::Appended { value, items }, Some(base)) => {
+                let data = serde_json::to_vec(&items)?;
+                (value, ChannelBlob { channel: channel.to_owned(), version: new_id, base: Some(base), data }, true)
+            }
+            (reduced, _) => {
+                let value = reduced.into_value();
+                let data = serde_json::to_vec(&value)?;
+                (value, ChannelBlob { channel: channel.to_owned(), version: new_id, base: None, data }, false)
+            }
+        };
+        if spec.is_ephemeral() {
+            body.fresh.push(channel.to_owned());
+        }
+        values.insert(channel.to_owned(), Arc::new(value));
+        body.versions.insert(channel.to_owned(), ChannelVersion { v: new_id, d: delta });
+        blobs.push(blob);
+    }
+    for channel in &prev.fresh {
+        if !body.fresh.contains(channel) {
+            values.remove(channel);
+            body.versions.remove(channel);
+        }
+    }
+
+    let mut pulls = BTreeSet::new();
+    let mut pushes = Vec::new();
+    for (node, output) in outputs {
+        for goto in &output.goto {
+            match goto {
+                Goto::Node { node: target } if target == END => {}
+                Goto::Node { node: target } => {
+                    pulls.insert(target.clone());
+                }
+                Goto::Send { node: target, arg } => pushes.push(PendingTask::Push { node: target.clone(), arg: arg.clone() }),
+            }
+        }
+        for (target, sources) in &graph.joins {
+            if sources.contains(*node) {
+                let arrived = body.barriers.entry(target.clone()).or_default();
+                if !arrived.iter().any(|a| a == node) {
+                    arrived.push((*node).to_owned());
+                    arrived.sort();
+                }
+                if sources.iter().all(|s| arrived.contains(s)) {
+                    body.barriers.remove(target);
+                    pulls.insert(target.clone());
+                }
+            }
+        }
+    }
+    body.next = pulls.into_iter().map(|node| PendingTask::Pull { node }).chain(pushes).collect();
+    Ok(body_with(body, blobs))
+}
+
+fn body_with(body: CheckpointBody, blobs: Vec<ChannelBlob>) -> Applied {
+    Applied { body, blobs }
+}
+
+/// The input of a run as a step of the virtual START node.
+pub(crate) fn input_output(graph: &GraphInner, snapshot: &State, input: Update) -> Result<TaskOutput> {
+    finish_task(graph, START, snapshot, input).map_err(|e| match e {
+        Error::InvalidUpdate { message, .. } => Error::InvalidUpdate { node: "input".to_owned(), message },
+        other => other,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::channel::Channel;
+    use crate::graph::GraphBuilder;
+    use crate::node::node_fn;
+
+    fn fan_graph() -> crate::graph::Graph {
+        let noop = || node_fn(|_, _| async { Ok(Update::new()) });
+        GraphBuilder::new("fan")
+            .channel("items", Channel::append())
+            .channel("n", Channel::sum())
+            .channel("flag", Channel::ephemeral())
+            .node("a", noop())
+            .node("b", noop())
+            .node("c", noop())
+            .edge(START, "a")
+            .edge(START, "b")
+            .join(["a", "b"], "c")
+            .edge("c", END)
+            .compile()
+            .unwrap()
+    }
+
+    #[test]
+    fn writes_apply_in_task_path_order_whatever_the_finish_order() {
+        let graph = fan_graph();
+        let g = &graph.inner;
+        let a = TaskOutput { writes: vec![("items".into(), json!("from-a"))], goto: vec![] };
+        let b = TaskOutput { writes: vec![("items".into(), json!("from-b"))], goto: vec![] };
+        let apply = |outputs: &[(&str, &TaskOutput)]| {
+            let mut values = Values::new();
+            apply_step(g, &CheckpointBody::default(), &mut values, outputs, 7).unwrap();
+            Value::clone(&values["items"])
+        };
+        // The loop sorts by task path before applying; the same sorted input gives the same result.
+        assert_eq!(apply(&[("a", &a), ("b", &b)]), json!(["from-a", "from-b"]));
+    }
+
+    #[test]
+    fn join_waits_for_every_predecessor() {
+        let graph = fan_graph();
+        let g = &graph.inner;
+        let out = TaskOutput { writes: vec![], goto: vec![] };
+        let mut values = Values::new();
+        let first = apply_step(g, &CheckpointBody::default(), &mut values, &[("a", &out)], 2).unwrap();
+        assert!(first.body.next.is_empty());
+        assert_eq!(first.body.barriers["c"], vec!["a".to_owned()]);
+        let second = apply_step(g, &first.body, &mut values, &[("b", &out)], 3).unwrap();
+        assert_eq!(second.body.next, vec![PendingTask::Pull { node: "c".into() }]);
+        assert!(second.body.barriers.is_empty());
+    }
+
+    #[test]
+    fn append_channels_store_deltas_after_their_first_version() {
+        let graph = fan_graph();
+        let g = &graph.inner;
+        let mut values = Values::new();
+        let w = |v: Value| TaskOutput { writes: vec![("items".into(), v)], goto: vec![] };
+        let first = apply_step(g, &CheckpointBody::default(), &mut values, &[("x", &w(json!("a")))], 1).unwrap();
+        assert_eq!(first.blobs[0].base, None);
+        let second = apply_step(g, &first.body, &mut values, &[("x", &w(json!("b")))], 2).unwrap();
+        assert_eq!(second.blobs[0].base, Some(1));
+        assert_eq!(second.blobs[0].data, br#"["b"]"#.to_vec());
+        assert!(second.body.versions["items"].d);
+        assert_eq!(*values["items"], json!(["a", "b"]));
+    }
+
+    #[test]
+    fn ephemeral_values_last_one_step() {
+        let graph = fan_graph();
+        let g = &graph.inner;
+        let mut values = Values::new();
+        let set = TaskOutput { writes: vec![("flag".into(), json!(true))], goto: vec![] };
+        let none = TaskOutput { writes: vec![], goto: vec![] };
+        let first = apply_step(g, &CheckpointBody::default(), &mut values, &[("x", &set)], 1).unwrap();
+        assert_eq!(*values["flag"], json!(true));
+        let second = apply_step(g, &first.body, &mut values, &[("x", &none)], 2).unwrap();
+        assert!(!values.contains_key("flag"));
+        assert!(!second.body.versions.contains_key("flag"));
+    }
+
+    #[test]
+    fn task_ids_are_deterministic_and_distinct() {
+        let body = CheckpointBody {
+            next: vec![
+                PendingTask::Push { node: "w".into(), arg: json!(1) },
+                PendingTask::Pull { node: "b".into() },
+                PendingTask::Push { node: "w".into(), arg: json!(2) },
+                PendingTask::Pull { node: "a".into() },
+            ],
+            ..Default::default()
+        };
+        let tasks = tasks_for("", 5, &body);
+        let paths: Vec<_> = tasks.iter().map(|t| t.path.clone()).collect();
+        assert_eq!(
+            paths,
+            vec![TaskPath::Pull("a".into()), TaskPath::Pull("b".into()), TaskPath::Push(0), TaskPath::Push(1)]
+        );
+        assert_eq!(tasks_for("", 5, &body)[2].id, tasks[2].id);
+        assert_ne!(tasks_for("", 6, &body)[2].id, tasks[2].id);
+        let ids: BTreeSet<_> = tasks.iter().map(|t| &t.id).collect();
+        assert_eq!(ids.len(), 4);
+    }
+}

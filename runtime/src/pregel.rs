@@ -1,0 +1,866 @@
+//! The run loop: owns the lease and all checkpoint I/O. It admits the input, then runs
+//! super-steps (tasks concurrently, writes applied in task-path order), persists each task's
+//! writes as it finishes and each step in one commit, and stops at interrupts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::{BoxFuture, Shared};
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::{FutureExt, Stream};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::algo::{self, Task, TaskOutput};
+use crate::checkpoint::{
+    ChannelBlob, ChannelVersion, CheckpointBody, Lease, LeaseRequest, NewCheckpoint, PendingWrite, Source, StepCommit,
+    StepRef, StoredCheckpoint, WriteKind,
+};
+use crate::error::{Error, Result};
+use crate::graph::{Graph, START};
+use crate::node::{Context, ContextInner, Persist};
+use crate::retry::store_call;
+use crate::runner::{self, TaskResult};
+use crate::state::{State, Update, Values};
+use crate::stream::{Event, EventSink};
+
+/// How often a step's owner looks for the writes of tasks run by workers.
+const REMOTE_POLL: Duration = Duration::from_millis(20);
+
+/// When a step's checkpoint is made durable (LangGraph's durability modes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Each step's checkpoint commits before the next step starts (the default).
+    #[default]
+    Sync,
+    /// Each step's checkpoint commits while the next step runs; the next step's writes wait for it.
+    Async,
+    /// Only the run's last checkpoint is committed (when it ends, interrupts or fails): fastest,
+    /// but a crash loses the steps since the last durable checkpoint.
+    Exit,
+}
+
+/// How a run is carried out.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Largest number of super-steps in this invocation.
+    pub recursion_limit: u64,
+    /// When checkpoints become durable.
+    pub durability: Durability,
+    /// The runner's name, shown to other runners refused the thread's lease.
+    pub owner: String,
+    /// Run a thread created by another graph (or another version of this one).
+    pub allow_graph_change: bool,
+    /// Run from this older checkpoint: a fork is made and becomes the head; the old branch stays.
+    pub checkpoint: Option<u64>,
+    /// How long to wait for tasks run by workers.
+    pub remote_task_timeout: Duration,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            recursion_limit: 25,
+            durability: Durability::Sync,
+            owner: default_owner(),
+            allow_graph_change: false,
+            checkpoint: None,
+            remote_task_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// `host:pid` of this process, the default owner name.
+pub fn default_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
+    format!("{}:{}", if host.is_empty() { "localhost" } else { &host }, std::process::id())
+}
+
+/// What a run is given.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Start a run with these writes (on a new thread, or one whose last run finished).
+    Start(Update),
+    /// Carry on a run that was stopped (a crash, a lost lease, a recursion limit).
+    Continue,
+    /// Resume a run stopped by interrupts.
+    Resume(Resume),
+}
+
+/// Values for pending interrupts.
+#[derive(Debug, Clone)]
+pub enum Resume {
+    /// The value for the single pending interrupt (or the go-ahead after a static interrupt).
+    Value(Value),
+    /// A value per interrupt id, when several are pending.
+    ById(BTreeMap<String, Value>),
+}
+
+/// Whether an interrupt came from a node or from the graph's static lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InterruptKind {
+    /// `Context::interrupt` inside the node.
+    Node,
+    /// `interrupt_before`: the node has not run yet.
+    Before,
+    /// `interrupt_after`: the node ran and its step committed.
+    After,
+}
+
+/// A pending request for human input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Interrupt {
+    /// Resume with this id when several are pending.
+    pub id: String,
+    /// The node.
+    pub node: String,
+    /// The payload given to `interrupt` (null for static interrupts).
+    pub value: Value,
+    /// Where it came from.
+    pub kind: InterruptKind,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub enum RunOutcome {
+    /// The run reached END; the final state.
+    Done(State),
+    /// The run waits for human input.
+    Interrupted(Vec<Interrupt>),
+}
+
+impl RunOutcome {
+    /// The final state, if the run finished.
+    pub fn state(&self) -> Option<&State> {
+        match self {
+            RunOutcome::Done(state) => Some(state),
+            RunOutcome::Interrupted(_) => None,
+        }
+    }
+    /// The pending interrupts, if the run stopped for input.
+    pub fn interrupts(&self) -> &[Interrupt] {
+        match self {
+            RunOutcome::Done(_) => &[],
+            RunOutcome::Interrupted(list) => list,
+        }
+    }
+}
+
+/// A commit still in flight (durability async), awaited before anything else is written.
+pub(crate) type CommitInFlight = Shared<BoxFuture<'static, Result<(), Arc<Error>>>>;
+
+#[derive(Serialize, Deserialize)]
+struct InterruptRecord {
+    node: String,
+    index: usize,
+    value: Value,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ErrorRecord {
+    node: String,
+    message: String,
+}
+
+/// The checkpoint the loop stands on.
+struct Current {
+    id: u64,
+    step: u64,
+    body: CheckpointBody,
+    values: Values,
+    metadata: Value,
+}
+
+impl Current {
+    fn from_stored(stored: StoredCheckpoint) -> Self {
+        Current {
+            id: stored.id,
+            step: stored.step,
+            body: stored.body,
+            values: stored.values.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+            metadata: stored.metadata,
+        }
+    }
+}
+
+/// What the pending writes of a step say.
+#[derive(Default)]
+struct Pending {
+    outputs: HashMap<String, TaskOutput>,
+    errors: Vec<ErrorRecord>,
+    interrupts: BTreeMap<String, (String, InterruptRecord)>,
+    resumes: BTreeMap<String, Value>,
+    journal: HashMap<String, HashMap<String, Vec<u8>>>,
+}
+
+impl Pending {
+    fn parse(writes: Vec<PendingWrite>) -> Result<Self> {
+        let mut pending = Pending::default();
+        for w in writes {
+            match w.kind {
+                WriteKind::Output => {
+                    pending.outputs.insert(w.task, serde_json::from_slice(&w.data)?);
+                }
+                WriteKind::Error => pending.errors.push(serde_json::from_slice(&w.data)?),
+                WriteKind::Interrupt => {
+                    pending.interrupts.insert(w.key, (w.task, serde_json::from_slice(&w.data)?));
+                }
+                WriteKind::Resume => {
+                    pending.resumes.insert(w.key, serde_json::from_slice(&w.data)?);
+                }
+                WriteKind::Journal => {
+                    pending.journal.entry(w.task).or_default().insert(w.key, w.data);
+                }
+            }
+        }
+        Ok(pending)
+    }
+
+    fn open_interrupts(&self) -> Vec<Interrupt> {
+        self.interrupts
+            .iter()
+            .filter(|(id, _)| !self.resumes.contains_key(*id))
+            .map(|(id, (_, rec))| Interrupt {
+                id: id.clone(),
+                node: rec.node.clone(),
+                value: rec.value.clone(),
+                kind: InterruptKind::Node,
+            })
+            .collect()
+    }
+
+    /// Resume values of one task, by interrupt index.
+    fn resumes_of(&self, task: &str) -> BTreeMap<usize, Value> {
+        self.interrupts
+            .iter()
+            .filter(|(_, (t, _))| t == task)
+            .filter_map(|(id, (_, rec))| self.resumes.get(id).map(|v| (rec.index, v.clone())))
+            .collect()
+    }
+}
+
+/// The id of a task's `index`-th interrupt.
+pub(crate) fn interrupt_id(task: &str, index: usize) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(task.as_bytes());
+    h.update(&(index as u64).to_le_bytes());
+    h.finalize().to_hex()[..16].to_owned()
+}
+
+/// Steps held back by durability "exit": the newest checkpoint and the channel versions since
+/// the last durable one, deltas folded together.
+#[derive(Default)]
+struct ExitBuffer {
+    checkpoint: Option<NewCheckpoint>,
+    channels: BTreeMap<String, Buffered>,
+}
+
+struct Buffered {
+    version: u64,
+    /// The durable version the buffered deltas extend; `None` once a whole value was written.
+    base: Option<u64>,
+    items: Vec<Value>,
+}
+
+impl Graph {
+    /// Runs the graph on a thread until it ends or interrupts.
+    pub async fn invoke(&self, thread: &str, input: Input, config: &RunConfig) -> Result<RunOutcome> {
+        self.execute(thread, input, config, None).await
+    }
+
+    /// Runs the graph on a thread, streaming its events. The stream ends after an
+    /// `Interrupted` event, after the last step, or with an error.
+    pub fn stream(&self, thread: &str, input: Input, config: &RunConfig) -> impl Stream<Item = Result<Event>> + use<> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let graph = self.clone();
+        let thread = thread.to_owned();
+        let config = config.clone();
+        tokio::spawn(async move {
+            if let Err(e) = graph.execute(&thread, input, &config, Some(tx.clone())).await {
+                let _ = tx.send(Err(e));
+            }
+        });
+        tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+    }
+
+    async fn execute(&self, thread: &str, input: Input, config: &RunConfig, events: Option<EventSink>) -> Result<RunOutcome> {
+        let request = LeaseRequest {
+            thread,
+            owner: &config.owner,
+            graph: &self.inner.identity,
+            allow_graph_change: config.allow_graph_change,
+        };
+        let lease = store_call(|| self.store.acquire(request.clone())).await?;
+        let head = store_call(|| self.store.load(thread, "", None)).await?;
+        let mut run = Loop {
+            graph: self,
+            lease: Arc::new(lease),
+            thread: thread.to_owned(),
+            ns: String::new(),
+            config,
+            events,
+            head: head.as_ref().map(|h| h.id),
+            current: head.map(Current::from_stored),
+            skip_static: false,
+            in_flight: None,
+            exit: ExitBuffer::default(),
+        };
+        if let Some(id) = config.checkpoint {
+            run.fork_from(id).await?;
+        }
+        if let Some(outcome) = run.admit(input).await? {
+            return Ok(outcome);
+        }
+        let outcome = run.run().await;
+        run.settle().await?;
+        let outcome = outcome?;
+        if let RunOutcome::Interrupted(interrupts) = &outcome {
+            run.emit(Event::Interrupted { interrupts: interrupts.clone() });
+        }
+        Ok(outcome)
+    }
+}
+
+struct Loop<'a> {
+    graph: &'a Graph,
+    lease: Arc<Lease>,
+    thread: String,
+    ns: String,
+    config: &'a RunConfig,
+    events: Option<EventSink>,
+    /// The durable head.
+    head: Option<u64>,
+    current: Option<Current>,
+    skip_static: bool,
+    in_flight: Option<CommitInFlight>,
+    exit: ExitBuffer,
+}
+
+impl Loop<'_> {
+    fn emit(&self, event: Event) {
+        if let Some(events) = &self.events {
+            let _ = events.send(Ok(event));
+        }
+    }
+
+    fn step_ref(&self, checkpoint: u64) -> StepRef<'_> {
+        StepRef { thread: &self.thread, ns: &self.ns, checkpoint }
+    }
+
+    /// Makes the fork of an older checkpoint the head.
+    async fn fork_from(&mut self, id: u64) -> Result<()> {
+        if self.head == Some(id) {
+            return Ok(());
+        }
+        let old = store_call(|| self.graph.store.load(&self.thread, &self.ns, Some(id)))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("checkpoint {id} of thread `{}`", self.thread)))?;
+        let new_id = self.lease.next_checkpoint_id();
+        let checkpoint = NewCheckpoint {
+            id: new_id,
+            parent: Some(id),
+            expected_head: self.head,
+            step: old.step,
+            source: Source::Fork,
+            body: old.body.clone(),
+            metadata: json!({"source": "fork", "step": old.step, "forked_from": id, "owner": self.lease.owner}),
+        };
+        self.commit_now(checkpoint, Vec::new()).await?;
+        let mut current = Current::from_stored(old);
+        current.id = new_id;
+        self.current = Some(current);
+        Ok(())
+    }
+
+    /// Applies the input; returns an outcome when there is nothing to run.
+    async fn admit(&mut self, input: Input) -> Result<Option<RunOutcome>> {
+        match input {
+            Input::Start(update) => {
+                if let Some(cur) = &self.current {
+                    if !cur.body.next.is_empty() {
+                        let nodes: Vec<String> = algo::tasks_for("", cur.id, &cur.body).into_iter().map(|t| t.node).collect();
+                        return Err(Error::InvalidState(format!(
+                            "thread `{}` has a run in progress at step {} (next: {}); continue or resume it, or use another thread",
+                            self.thread,
+                            cur.step,
+                            nodes.join(", ")
+                        )));
+                    }
+                }
+                let (prev_body, mut values, step) = match self.current.take() {
+                    Some(cur) => (cur.body, cur.values, cur.step),
+                    None => (CheckpointBody::default(), Values::new(), 0),
+                };
+                let output = algo::input_output(&self.graph.inner, &State::new(values.clone()), update)?;
+                let id = self.lease.next_checkpoint_id();
+                let applied = algo::apply_step(&self.graph.inner, &prev_body, &mut values, &[(START, &output)], id)?;
+                let checkpoint = NewCheckpoint {
+                    id,
+                    parent: self.head,
+                    expected_head: self.head,
+                    step,
+                    source: Source::Input,
+                    body: applied.body.clone(),
+                    metadata: json!({"source": "input", "step": step, "owner": self.lease.owner}),
+                };
+                // Admission: the run is durable before its first node runs, whatever the durability mode.
+                self.commit_now(checkpoint, applied.blobs).await?;
+                self.current = Some(Current { id, step, body: applied.body, values, metadata: Value::Null });
+                self.emit_values();
+                Ok(None)
+            }
+            Input::Continue => {
+                if self.current.is_none() {
+                    return Err(Error::NotFound(format!("thread `{}` has no checkpoint to continue from", self.thread)));
+                }
+                Ok(None)
+            }
+            Input::Resume(resume) => {
+                let cur = self.current.as_ref().ok_or_else(|| Error::NotFound(format!("thread `{}`", self.thread)))?;
+                let id = cur.id;
+                let pending = Pending::parse(store_call(|| self.graph.store.pending_writes(self.step_ref(id))).await?)?;
+                let open = pending.open_interrupts();
+                if open.is_empty() {
+                    if self.static_interrupt_pending(cur) {
+                        self.skip_static = true;
+                        return Ok(None);
+                    }
+                    return Err(Error::InvalidState(format!("thread `{}` is not interrupted; nothing to resume", self.thread)));
+                }
+                let values: Vec<(String, Value)> = match resume {
+                    Resume::Value(value) if open.len() == 1 => vec![(open[0].id.clone(), value)],
+                    Resume::Value(_) => {
+                        let ids: Vec<&str> = open.iter().map(|i| i.id.as_str()).collect();
+                        return Err(Error::InvalidState(format!(
+                            "{} interrupts are pending ({}); resume them by id",
+                            open.len(),
+                            ids.join(", ")
+                        )));
+                    }
+                    Resume::ById(map) => {
+                        for key in map.keys() {
+                            if !open.iter().any(|i| &i.id == key) {
+                                return Err(Error::InvalidState(format!("no pending interrupt has id `{key}`")));
+                            }
+                        }
+                        map.into_iter().collect()
+                    }
+                };
+                let writes = values
+                    .into_iter()
+                    .map(|(key, value)| {
+                        let task = pending.interrupts[&key].0.clone();
+                        Ok(PendingWrite { task, kind: WriteKind::Resume, key, data: serde_json::to_vec(&value)? })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                store_call(|| self.graph.store.put_writes(self.step_ref(id), &writes)).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn static_interrupt_pending(&self, cur: &Current) -> bool {
+        let g = &self.graph.inner;
+        cur.metadata.get("interrupt_after").and_then(Value::as_bool).unwrap_or(false)
+            || algo::tasks_for(&self.ns, cur.id, &cur.body).iter().any(|t| g.interrupt_before.contains(&t.node))
+    }
+
+    fn emit_values(&self) {
+        if self.events.is_some() {
+            if let Some(cur) = &self.current {
+                let state = State::new(cur.values.clone()).to_json();
+                self.emit(Event::Values { step: cur.step, state });
+            }
+        }
+    }
+
+    fn persist_mode(&self) -> Persist {
+        match (self.config.durability, &self.in_flight) {
+            (Durability::Exit, _) => Persist::Never,
+            (Durability::Async, Some(commit)) => Persist::After(commit.clone()),
+            _ => Persist::Now,
+        }
+    }
+
+    async fn run(&mut self) -> Result<RunOutcome> {
+        let g = Arc::clone(&self.graph.inner);
+        let mut steps = 0u64;
+        loop {
+            let cur = self.current.as_ref().ok_or_else(|| Error::NotFound(format!("thread `{}`", self.thread)))?;
+            if cur.body.next.is_empty() {
+                let state = State::new(cur.values.clone());
+                self.flush_exit().await?;
+                return Ok(RunOutcome::Done(state));
+            }
+            if steps >= self.config.recursion_limit {
+                self.flush_exit().await?;
+                return Err(Error::RecursionLimit { limit: self.config.recursion_limit });
+            }
+            steps += 1;
+            let tasks = algo::tasks_for(&self.ns, cur.id, &cur.body);
+            if !std::mem::take(&mut self.skip_static) {
+                let before: Vec<Interrupt> = tasks
+                    .iter()
+                    .filter(|t| g.interrupt_before.contains(&t.node))
+                    .map(|t| Interrupt { id: t.id.clone(), node: t.node.clone(), value: Value::Null, kind: InterruptKind::Before })
+                    .collect();
+                if !before.is_empty() {
+                    self.flush_exit().await?;
+                    return Ok(RunOutcome::Interrupted(before));
+                }
+            }
+            let (id, step) = (cur.id, cur.step);
+            let pending = if self.head == Some(id) {
+                self.settle().await?;
+                Pending::parse(store_call(|| self.graph.store.pending_writes(self.step_ref(id))).await?)?
+            } else {
+                Pending::default()
+            };
+            if let Some(failure) = pending.errors.first() {
+                return Err(Error::RunFailed {
+                    thread: self.thread.clone(),
+                    message: format!("node `{}`: {}", failure.node, failure.message),
+                });
+            }
+            let open = pending.open_interrupts();
+            if !open.is_empty() {
+                return Ok(RunOutcome::Interrupted(open));
+            }
+            let results = self.run_tasks(&tasks, &pending).await?;
+            if let Some(outcome) = self.settle_step(&tasks, &results, &pending).await? {
+                return Ok(outcome);
+            }
+            let mut outputs: Vec<(&Task, &TaskOutput)> = Vec::with_capacity(tasks.len());
+            for task in &tasks {
+                let output = pending.outputs.get(&task.id).or_else(|| match results.get(&task.id) {
+                    Some(TaskResult::Done(output)) => Some(output),
+                    _ => None,
+                });
+                if let Some(output) = output {
+                    outputs.push((task, output));
+                }
+            }
+            for (task, output) in &outputs {
+                self.emit(Event::Updates {
+                    step,
+                    node: task.node.clone(),
+                    task: task.id.clone(),
+                    writes: output.writes.clone(),
+                });
+            }
+            let new_id = self.lease.next_checkpoint_id();
+            let cur = self.current.as_mut().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
+            let by_node: Vec<(&str, &TaskOutput)> = outputs.iter().map(|(t, o)| (t.node.as_str(), *o)).collect();
+            let applied = algo::apply_step(&g, &cur.body, &mut cur.values, &by_node, new_id)?;
+            let after = outputs.iter().any(|(t, _)| g.interrupt_after.contains(&t.node)) && !applied.body.next.is_empty();
+            let metadata = json!({
+                "source": "loop",
+                "step": step + 1,
+                "owner": self.lease.owner,
+                "tasks": outputs.iter().map(|(t, _)| json!({"id": t.id, "node": t.node})).collect::<Vec<_>>(),
+                "interrupt_after": after,
+            });
+            let checkpoint = NewCheckpoint {
+                id: new_id,
+                parent: Some(id),
+                expected_head: Some(id),
+                step: step + 1,
+                source: Source::Loop,
+                body: applied.body.clone(),
+                metadata: metadata.clone(),
+            };
+            cur.id = new_id;
+            cur.step = step + 1;
+            cur.body = applied.body;
+            cur.metadata = metadata;
+            drop(outputs);
+            self.commit(checkpoint, applied.blobs).await?;
+            self.emit_values();
+            if after {
+                let cur = self.current.as_ref().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
+                let interrupts = algo::tasks_for(&self.ns, cur.id, &cur.body)
+                    .into_iter()
+                    .map(|t| Interrupt { id: t.id, node: t.node, value: Value::Null, kind: InterruptKind::After })
+                    .collect();
+                self.flush_exit().await?;
+                return Ok(RunOutcome::Interrupted(interrupts));
+            }
+        }
+    }
+
+    /// Runs the tasks that have no output yet: local ones here, remote ones by waiting for workers.
+    async fn run_tasks(&self, tasks: &[Task], pending: &Pending) -> Result<HashMap<String, TaskResult>> {
+        let g = &self.graph.inner;
+        let cur = self.current.as_ref().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
+        let state = State::new(cur.values.clone());
+        let persist_each = tasks.len() > 1 && self.config.durability != Durability::Exit;
+        let persist = self.persist_mode();
+        let mut running = FuturesUnordered::new();
+        let mut remote = Vec::new();
+        for task in tasks.iter().filter(|t| !pending.outputs.contains_key(&t.id)) {
+            let spec = g
+                .nodes
+                .get(&task.node)
+                .ok_or_else(|| Error::graph(&g.name, format!("checkpoint schedules unknown node `{}`", task.node)))?;
+            if spec.remote {
+                remote.push(task);
+                continue;
+            }
+            let ctx = Context::new(ContextInner {
+                thread: self.thread.clone(),
+                ns: self.ns.clone(),
+                checkpoint: cur.id,
+                step: cur.step,
+                task_id: task.id.clone(),
+                node: task.node.clone(),
+                arg: task.arg.clone(),
+                attempt: 0.into(),
+                resumes: pending.resumes_of(&task.id),
+                journal: std::sync::Mutex::new(pending.journal.get(&task.id).cloned().unwrap_or_default()),
+                journal_seen: std::sync::Mutex::default(),
+                interrupts: 0.into(),
+                store: Arc::clone(&self.graph.store),
+                events: self.events.clone(),
+                persist: persist.clone(),
+            });
+            let state = state.clone();
+            let step = self.step_ref(cur.id);
+            let persist = persist.clone();
+            running.push(async move {
+                let result = runner::run_task(g, spec, task, state, ctx).await;
+                let write = match &result {
+                    TaskResult::Done(output) if persist_each => Some(encode(task, WriteKind::Output, "", output)),
+                    TaskResult::Interrupted { index, value } => Some(encode(
+                        task,
+                        WriteKind::Interrupt,
+                        &interrupt_id(&task.id, *index),
+                        &InterruptRecord { node: task.node.clone(), index: *index, value: value.clone() },
+                    )),
+                    TaskResult::Failed(e) => {
+                        Some(encode(task, WriteKind::Error, "", &ErrorRecord { node: task.node.clone(), message: e.to_string() }))
+                    }
+                    TaskResult::Done(_) => None,
+                };
+                // In "exit" mode nothing is written here: settle_step records interrupts and
+                // failures once the step's checkpoint is durable.
+                if let (Some(write), false) = (write, matches!(persist, Persist::Never)) {
+                    if let Persist::After(commit) = &persist {
+                        commit.clone().await.map_err(|e| Error::InvalidState(format!("commit failed: {e}")))?;
+                    }
+                    let write = write?;
+                    store_call(|| self.graph.store.put_writes(step, std::slice::from_ref(&write))).await?;
+                }
+                Ok::<_, Error>((task.id.clone(), result))
+            });
+        }
+        let mut results = HashMap::new();
+        while let Some(done) = running.next().await {
+            let (id, result) = done?;
+            results.insert(id, result);
+        }
+        drop(running);
+        if !remote.is_empty() {
+            self.wait_remote(&remote, cur.id, &mut results).await?;
+        }
+        Ok(results)
+    }
+
+    /// Waits until workers have reported every remote task of the step.
+    async fn wait_remote(&self, remote: &[&Task], checkpoint: u64, results: &mut HashMap<String, TaskResult>) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.config.remote_task_timeout;
+        loop {
+            let pending = Pending::parse(store_call(|| self.graph.store.pending_writes(self.step_ref(checkpoint))).await?)?;
+            let mut missing = 0;
+            for task in remote {
+                if let Some(output) = pending.outputs.get(&task.id) {
+                    results.insert(task.id.clone(), TaskResult::Done(output.clone()));
+                } else if let Some((id, (_, rec))) = pending.interrupts.iter().find(|(_, (t, _))| t == &task.id) {
+                    if !pending.resumes.contains_key(id) {
+                        results.insert(task.id.clone(), TaskResult::Interrupted { index: rec.index, value: rec.value.clone() });
+                    } else {
+                        missing += 1;
+                    }
+                } else {
+                    missing += 1;
+                }
+            }
+            if let Some(failure) = pending.errors.first() {
+                return Err(Error::Node { node: failure.node.clone(), attempts: 1, message: failure.message.clone() });
+            }
+            if missing == 0 {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::InvalidState(format!(
+                    "{missing} remote task(s) of thread `{}` were not reported within {:?}",
+                    self.thread, self.config.remote_task_timeout
+                )));
+            }
+            tokio::time::sleep(REMOTE_POLL).await;
+        }
+    }
+
+    /// Decides whether the step can commit: a failure fails the run, interrupts stop it.
+    async fn settle_step(
+        &mut self,
+        tasks: &[Task],
+        results: &HashMap<String, TaskResult>,
+        pending: &Pending,
+    ) -> Result<Option<RunOutcome>> {
+        let failed = tasks.iter().find_map(|t| match results.get(&t.id) {
+            Some(TaskResult::Failed(e)) => Some((t, e)),
+            _ => None,
+        });
+        let interrupted: Vec<Interrupt> = tasks
+            .iter()
+            .filter_map(|t| match results.get(&t.id) {
+                Some(TaskResult::Interrupted { index, value }) => Some(Interrupt {
+                    id: interrupt_id(&t.id, *index),
+                    node: t.node.clone(),
+                    value: value.clone(),
+                    kind: InterruptKind::Node,
+                }),
+                _ => None,
+            })
+            .collect();
+        if failed.is_none() && interrupted.is_empty() {
+            return Ok(None);
+        }
+        if self.config.durability == Durability::Exit {
+            // Make the step's checkpoint durable, then record what stopped it against it.
+            self.flush_exit().await?;
+            let id = self.current.as_ref().map_or(0, |c| c.id);
+            let mut writes = Vec::new();
+            for t in tasks {
+                match results.get(&t.id) {
+                    Some(TaskResult::Done(output)) => writes.push(encode(t, WriteKind::Output, "", output)?),
+                    Some(TaskResult::Interrupted { index, value }) => writes.push(encode(
+                        t,
+                        WriteKind::Interrupt,
+                        &interrupt_id(&t.id, *index),
+                        &InterruptRecord { node: t.node.clone(), index: *index, value: value.clone() },
+                    )?),
+                    Some(TaskResult::Failed(e)) => writes.push(encode(
+                        t,
+                        WriteKind::Error,
+                        "",
+                        &ErrorRecord { node: t.node.clone(), message: e.to_string() },
+                    )?),
+                    None => {}
+                }
+            }
+            store_call(|| self.graph.store.put_writes(self.step_ref(id), &writes)).await?;
+        }
+        if let Some((_, error)) = failed {
+            return Err(match error {
+                Error::Node { node, attempts, message } => {
+                    Error::Node { node: node.clone(), attempts: *attempts, message: message.clone() }
+                }
+                Error::InvalidUpdate { node, message } => Error::InvalidUpdate { node: node.clone(), message: message.clone() },
+                other => Error::InvalidState(other.to_string()),
+            });
+        }
+        let mut all = pending.open_interrupts();
+        all.extend(interrupted);
+        Ok(Some(RunOutcome::Interrupted(all)))
+    }
+
+    /// Commits a step as the durability mode says.
+    async fn commit(&mut self, checkpoint: NewCheckpoint, blobs: Vec<ChannelBlob>) -> Result<()> {
+        match self.config.durability {
+            Durability::Sync => self.commit_now(checkpoint, blobs).await,
+            Durability::Async => {
+                self.settle().await?;
+                let commit = StepCommit { thread: self.thread.clone(), ns: self.ns.clone(), checkpoint, blobs };
+                let store = Arc::clone(&self.graph.store);
+                let lease = Arc::clone(&self.lease);
+                self.head = Some(commit.checkpoint.id);
+                let id = commit.checkpoint.id;
+                let step = commit.checkpoint.step;
+                let future: BoxFuture<'static, Result<(), Arc<Error>>> =
+                    async move { store_call(|| store.commit(&lease, &commit)).await.map_err(Arc::new) }.boxed();
+                let shared = future.shared();
+                // Drive it now, so it lands even while the next step has nothing to await.
+                tokio::spawn(shared.clone());
+                self.in_flight = Some(shared);
+                self.emit(Event::Checkpoint { id, step });
+                Ok(())
+            }
+            Durability::Exit => {
+                self.buffer(checkpoint, blobs)?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn commit_now(&mut self, checkpoint: NewCheckpoint, blobs: Vec<ChannelBlob>) -> Result<()> {
+        self.settle().await?;
+        let (id, step) = (checkpoint.id, checkpoint.step);
+        let commit = StepCommit { thread: self.thread.clone(), ns: self.ns.clone(), checkpoint, blobs };
+        store_call(|| self.graph.store.commit(&self.lease, &commit)).await?;
+        self.head = Some(id);
+        self.emit(Event::Checkpoint { id, step });
+        Ok(())
+    }
+
+    /// Waits for a commit in flight (durability async).
+    async fn settle(&mut self) -> Result<()> {
+        if let Some(commit) = self.in_flight.take() {
+            commit.await.map_err(|e| match Arc::try_unwrap(e) {
+                Ok(e) => e,
+                Err(shared) => Error::InvalidState(format!("checkpoint commit failed: {shared}")),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn buffer(&mut self, mut checkpoint: NewCheckpoint, blobs: Vec<ChannelBlob>) -> Result<()> {
+        if let Some(previous) = self.exit.checkpoint.take() {
+            checkpoint.parent = previous.parent;
+            checkpoint.expected_head = previous.expected_head;
+        }
+        for blob in blobs {
+            let items: Vec<Value> =
+                if blob.base.is_some() { serde_json::from_slice(&blob.data)? } else { Vec::new() };
+            let entry = self.exit.channels.remove(&blob.channel);
+            let buffered = match (entry, blob.base) {
+                (Some(mut held), Some(_)) => {
+                    held.items.extend(items);
+                    held.version = blob.version;
+                    held
+                }
+                (None, Some(base)) => Buffered { version: blob.version, base: Some(base), items },
+                (_, None) => Buffered { version: blob.version, base: None, items: Vec::new() },
+            };
+            self.exit.channels.insert(blob.channel, buffered);
+        }
+        self.exit.checkpoint = Some(checkpoint);
+        Ok(())
+    }
+
+    /// Commits the newest held-back checkpoint (durability exit).
+    async fn flush_exit(&mut self) -> Result<()> {
+        let Some(mut checkpoint) = self.exit.checkpoint.take() else { return Ok(()) };
+        let channels = std::mem::take(&mut self.exit.channels);
+        let cur = self.current.as_ref().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
+        let mut blobs = Vec::with_capacity(channels.len());
+        for (channel, held) in channels {
+            let Some(version) = checkpoint.body.versions.get_mut(&channel) else { continue };
+            let data = match held.base {
+                Some(_) => serde_json::to_vec(&held.items)?,
+                None => serde_json::to_vec(cur.values.get(&channel).map(AsRef::as_ref).unwrap_or(&Value::Null))?,
+            };
+            *version = ChannelVersion { v: held.version, d: held.base.is_some() };
+            blobs.push(ChannelBlob { channel, version: held.version, base: held.base, data });
+        }
+        self.commit_now(checkpoint, blobs).await
+    }
+}
+
+fn encode<T: Serialize>(task: &Task, kind: WriteKind, key: &str, value: &T) -> Result<PendingWrite> {
+    Ok(PendingWrite { task: task.id.clone(), kind, key: key.to_owned(), data: serde_json::to_vec(value)? })
+}
