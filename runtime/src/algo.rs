@@ -116,7 +116,8 @@ pub(crate) fn finish_task(graph: &GraphInner, node: &str, snapshot: &State, upda
         }
     }
     let output = TaskOutput { writes: update.writes, goto };
-    let size = serde_json::to_vec(&output).map(|v| v.len()).map_err(|e| invalid(format!("not serializable: {e}")))?;
+    let size =
+        serde_json::to_vec(&output.writes).map(|v| v.len()).map_err(|e| invalid(format!("not serializable: {e}")))?;
     if size > graph.max_update_bytes {
         return Err(invalid(format!("update is {size} bytes, over the limit of {} bytes", graph.max_update_bytes)));
     }
