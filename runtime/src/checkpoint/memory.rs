@@ -45,10 +45,10 @@ struct Release {
 impl Drop for Release {
     fn drop(&mut self) {
         let mut store = lock(&self.store);
-        if let Some(rec) = store.threads.get_mut(&self.thread) {
-            if rec.epoch == self.epoch {
-                rec.held = false;
-            }
+        if let Some(rec) = store.threads.get_mut(&self.thread)
+            && rec.epoch == self.epoch
+        {
+            rec.held = false;
         }
     }
 }

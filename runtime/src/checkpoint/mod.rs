@@ -79,7 +79,7 @@ impl fmt::Debug for Lease {
             .field("thread", &self.thread)
             .field("owner", &self.owner)
             .field("epoch", &self.epoch)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -487,4 +487,217 @@ pub(crate) fn stale_task(step: StepRef<'_>, writes: &[PendingWrite]) -> Error {
         .map(|w| w.task.clone())
         .unwrap_or_default();
     Error::StaleTask { thread: step.thread.to_owned(), task, checkpoint: step.checkpoint }
+}
+
+/// Opens the checkpoint store a URL names.
+///
+/// - `postgres://...` or `postgresql://...`: [`PostgresCheckpointer`] (a pool; migrations run).
+/// - `memory:`: [`MemoryCheckpointer`].
+/// - `sqlite://path`, `sqlite:path` or a bare path: [`SqliteCheckpointer`] on that file, created
+///   if missing (`sqlite::memory:` or `:memory:`: a private in-memory database).
+///
+/// Errors never repeat the URL (it may carry a password).
+pub async fn connect(url: &str) -> Result<SharedCheckpointer> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Arc::new(PostgresCheckpointer::connect(url).await?));
+    }
+    if url == "memory:" {
+        return Ok(Arc::new(MemoryCheckpointer::new()));
+    }
+    let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")).unwrap_or(url);
+    if path == ":memory:" {
+        return Ok(Arc::new(SqliteCheckpointer::open_in_memory().await?));
+    }
+    if path.is_empty() || (path == url && url.contains("://")) {
+        let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
+        return Err(Error::Checkpoint {
+            backend: "store",
+            message: format!(
+                "unsupported checkpoint store URL (scheme `{scheme}`): use postgres://, sqlite:<path> or memory:"
+            ),
+            transient: false,
+        });
+    }
+    Ok(Arc::new(SqliteCheckpointer::open(path).await?))
+}
+
+/// Microseconds since the Unix epoch, as stored by the SQL backends.
+pub(crate) fn unix_micros(at: SystemTime) -> i64 {
+    at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+/// The inverse of [`unix_micros`].
+pub(crate) fn from_unix_micros(micros: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(micros.max(0) as u64)
+}
+
+/// The error for a stored row the runtime cannot read back.
+pub(crate) fn corrupt_row(backend: &'static str, what: &str) -> Error {
+    Error::Checkpoint { backend, message: format!("stored {what} cannot be read"), transient: false }
+}
+
+/// Maps a sqlx error to [`Error::Checkpoint`], saying which operation failed.
+///
+/// `transient_code` tells, from the database's error code, whether retrying may help. The
+/// message is built from the error's parts, never from connection settings, so it carries no
+/// URL or password.
+pub(crate) fn store_error(
+    backend: &'static str,
+    operation: &str,
+    err: &sqlx::Error,
+    transient_code: fn(&str) -> bool,
+) -> Error {
+    let (detail, transient) = match err {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(std::borrow::Cow::into_owned).unwrap_or_default();
+            (format!("{} (code {code})", db.message()), transient_code(&code))
+        }
+        sqlx::Error::Io(io) => (format!("connection lost: {io}"), true),
+        sqlx::Error::PoolTimedOut => ("timed out waiting for a database connection".to_owned(), true),
+        sqlx::Error::PoolClosed => ("the connection pool is closed".to_owned(), true),
+        sqlx::Error::WorkerCrashed => ("the database worker thread crashed".to_owned(), true),
+        sqlx::Error::Tls(tls) => (format!("TLS: {tls}"), false),
+        // Parse errors of connection settings may quote them: say only what kind of error it is.
+        sqlx::Error::Configuration(_) => ("invalid connection settings".to_owned(), false),
+        sqlx::Error::Migrate(migrate) => match &**migrate {
+            sqlx::migrate::MigrateError::Execute(inner) => {
+                return store_error(backend, &format!("{operation}: migration"), inner, transient_code);
+            }
+            other => (format!("migration: {other}"), false),
+        },
+        other => (other.to_string(), false),
+    };
+    Error::Checkpoint { backend, message: format!("{operation}: {detail}"), transient }
+}
+
+/// A checkpoint row as both SQL backends select it.
+#[derive(sqlx::FromRow)]
+pub(crate) struct CheckpointRow {
+    pub id: i64,
+    pub parent: Option<i64>,
+    pub step: i64,
+    pub source: String,
+    pub body: Vec<u8>,
+    pub metadata: String,
+    pub created_us: i64,
+}
+
+impl CheckpointRow {
+    pub(crate) fn body(&self) -> Result<CheckpointBody> {
+        Ok(serde_json::from_slice(&self.body)?)
+    }
+
+    pub(crate) fn into_stored(
+        self,
+        backend: &'static str,
+        ns: &str,
+        body: CheckpointBody,
+        values: BTreeMap<String, Value>,
+    ) -> Result<StoredCheckpoint> {
+        Ok(StoredCheckpoint {
+            id: self.id as u64,
+            ns: ns.to_owned(),
+            parent: self.parent.map(|p| p as u64),
+            step: self.step as u64,
+            source: Source::parse(&self.source).ok_or_else(|| corrupt_row(backend, "checkpoint source"))?,
+            body,
+            values,
+            metadata: serde_json::from_str(&self.metadata)?,
+            created_at: from_unix_micros(self.created_us),
+        })
+    }
+}
+
+/// A listed checkpoint row.
+#[derive(sqlx::FromRow)]
+pub(crate) struct MetaRow {
+    pub id: i64,
+    pub parent: Option<i64>,
+    pub step: i64,
+    pub source: String,
+    pub metadata: String,
+}
+
+impl MetaRow {
+    pub(crate) fn into_meta(self, backend: &'static str, ns: &str) -> Result<CheckpointMeta> {
+        Ok(CheckpointMeta {
+            id: self.id as u64,
+            ns: ns.to_owned(),
+            parent: self.parent.map(|p| p as u64),
+            step: self.step as u64,
+            source: Source::parse(&self.source).ok_or_else(|| corrupt_row(backend, "checkpoint source"))?,
+            metadata: serde_json::from_str(&self.metadata)?,
+        })
+    }
+}
+
+/// A pending write row.
+#[derive(sqlx::FromRow)]
+pub(crate) struct WriteRow {
+    pub task: String,
+    pub kind: String,
+    pub key: String,
+    pub data: Vec<u8>,
+}
+
+impl WriteRow {
+    pub(crate) fn into_write(self, backend: &'static str) -> Result<PendingWrite> {
+        Ok(PendingWrite {
+            kind: WriteKind::parse(&self.kind).ok_or_else(|| corrupt_row(backend, "pending write kind"))?,
+            task: self.task,
+            key: self.key,
+            data: self.data,
+        })
+    }
+}
+
+/// The stored versions of one channel, as the SQL backends read them for a load.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ChannelRows {
+    pub channel: String,
+    pub versions: Vec<i64>,
+    pub bases: Vec<Option<i64>>,
+    pub data: Vec<Vec<u8>>,
+}
+
+/// The blob rows a checkpoint needs, per channel as a version range: exactly its version for a
+/// whole value; for a delta every version up to it, so the chain is read in one query whatever
+/// its length (rows of other branches come along and are ignored).
+pub(crate) fn blob_ranges(body: &CheckpointBody) -> impl Iterator<Item = (&str, u64, u64)> {
+    body.versions.iter().map(|(channel, version)| (channel.as_str(), if version.d { 0 } else { version.v }, version.v))
+}
+
+/// [`materialize`] over the rows read with [`blob_ranges`].
+pub(crate) fn materialize_rows(body: &CheckpointBody, rows: Vec<ChannelRows>) -> Result<BTreeMap<String, Value>> {
+    /// A channel's stored versions: version -> (base, data).
+    type Versions = std::collections::HashMap<u64, (Option<u64>, Vec<u8>)>;
+    let mut blobs: std::collections::HashMap<String, Versions> = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        let versions = row.versions.into_iter().zip(row.bases).zip(row.data);
+        blobs.insert(
+            row.channel,
+            versions.map(|((v, base), data)| (v as u64, (base.map(|b| b as u64), data))).collect(),
+        );
+    }
+    // Each (channel, version) is visited once (a chain's versions strictly decrease), so the
+    // blobs can be moved out instead of copied.
+    materialize(body, |channel, v| blobs.get_mut(channel)?.remove(&v))
+}
+
+/// For [`Checkpointer::prune`] in SQL: the (namespace, channel, version) blobs the kept
+/// checkpoints need, given their bodies and the base of every stored delta.
+pub(crate) fn blobs_to_keep(
+    kept: &[(String, CheckpointBody)],
+    deltas: &std::collections::HashMap<(String, String, u64), u64>,
+) -> Vec<(String, String, u64)> {
+    let mut by_ns: BTreeMap<&str, Vec<&CheckpointBody>> = BTreeMap::new();
+    for (ns, body) in kept {
+        by_ns.entry(ns.as_str()).or_default().push(body);
+    }
+    let mut keep = Vec::new();
+    for (ns, bodies) in by_ns {
+        let used = blobs_in_use(bodies, |channel, v| deltas.get(&(ns.to_owned(), channel.to_owned(), v)).copied());
+        keep.extend(used.into_iter().map(|(channel, v)| (ns.to_owned(), channel, v)));
+    }
+    keep
 }

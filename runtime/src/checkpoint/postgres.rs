@@ -1,13 +1,934 @@
-//! PostgreSQL checkpointer (placeholder while the backend is written).
+//! PostgreSQL checkpointer: the production store, shared by every runner of a deployment.
+//!
+//! - A lease is a session-level advisory lock held on a connection of its own, which the lease
+//!   keeps to itself until dropped: a runner killed with SIGKILL loses its connections, the server
+//!   ends the sessions and the locks with them, and a restarted runner takes the thread at once.
+//!   The epoch bumped on each acquire fences the commits of a runner that lost its session but
+//!   has not noticed yet. Lease connections come from a pool of their own (never shared with
+//!   queries): a dropped lease's connection is unlocked, then reused, so an acquire does not pay
+//!   for a new connection (and its TLS handshake) each time.
+//! - A commit is one SQL statement (one round trip): fence, head compare-and-swap, checkpoint,
+//!   channel values and folding of the parent's pending writes. The same statement takes a batch
+//!   of commits of different threads ([`PostgresCheckpointer::commit_batch`]).
+//! - A load is at most two round trips: the checkpoint, then every blob it needs (a delta chain
+//!   in one range scan).
 
-use crate::error::Result;
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::{LazyLock, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-/// PostgreSQL store.
-pub struct PostgresCheckpointer;
+use async_trait::async_trait;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, Postgres};
+
+use super::{
+    ChannelRows, CheckpointMeta, CheckpointRow, Checkpointer, GraphIdentity, Lease, LeaseRequest, ListFilter, MetaRow,
+    PendingWrite, PutOutcome, StepCommit, StepRef, StoredCheckpoint, ThreadInfo, WriteRow, blob_ranges, blobs_to_keep,
+    materialize_rows, stale_task, store_error,
+};
+use crate::error::{Error, Result, until_words};
+
+const BACKEND: &str = "postgres";
+
+/// The embedded migrations of the PostgreSQL schema.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// How long an acquire waits for a lock this process is releasing.
+const RELEASE_WAIT: Duration = Duration::from_secs(2);
+
+/// At most this many leases held at once by one checkpointer (one connection each).
+const MAX_LEASES: u32 = 256;
+
+/// Backend pids of lease connections this process released, with when: until such a session
+/// has unlocked (or ended), its lock is not another runner's, and an acquire waits for it.
+static RELEASING: LazyLock<Mutex<HashMap<i32, Instant>>> = LazyLock::new(Mutex::default);
+
+fn releasing() -> std::sync::MutexGuard<'static, HashMap<i32, Instant>> {
+    // Single inserts and removes: consistent whatever panicked while holding it.
+    RELEASING.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Stores checkpoints in PostgreSQL.
+#[derive(Clone)]
+pub struct PostgresCheckpointer {
+    pool: PgPool,
+    /// Connections that hold leases, one per lease; unlocked when returned.
+    leases: PgPool,
+}
+
+impl std::fmt::Debug for PostgresCheckpointer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // No connection settings: they may hold a password.
+        f.debug_struct("PostgresCheckpointer").finish_non_exhaustive()
+    }
+}
+
+/// Classifies SQLSTATEs: connection failures, server shutdown, too many connections,
+/// serialization failures and deadlocks are worth retrying.
+fn transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
+}
+
+fn pg_error(operation: &str) -> impl Fn(sqlx::Error) -> Error + '_ {
+    move |err| store_error(BACKEND, operation, &err, transient_sqlstate)
+}
+
+fn i64s(values: impl IntoIterator<Item = u64>) -> Vec<i64> {
+    values.into_iter().map(|v| v as i64).collect()
+}
+
+/// The advisory lock key of a thread's lease.
+fn lease_key(thread: &str) -> i64 {
+    let hash = blake3::hash(format!("agentic/lease/{thread}").as_bytes());
+    let mut key = [0u8; 8];
+    key.copy_from_slice(&hash.as_bytes()[..8]);
+    i64::from_le_bytes(key)
+}
+
+/// The lease's session: dropping it releases the advisory lock.
+struct SessionLock {
+    conn: Mutex<Option<PoolConnection<Postgres>>>,
+    pid: i32,
+}
+
+impl Drop for SessionLock {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.get_mut().unwrap_or_else(PoisonError::into_inner).take() else { return };
+        releasing().insert(self.pid, Instant::now());
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Back to the lease pool, which unlocks it (`after_release`) in a task of its own.
+            drop(conn);
+        } else {
+            // No runtime to return it with: close the socket, the server ends the session and
+            // the lock with it.
+            drop(conn.detach());
+        }
+    }
+}
+
+/// Returns a lease connection to its pool only once it holds no lock.
+async fn unlock_all(conn: &mut PgConnection) -> std::result::Result<bool, sqlx::Error> {
+    Ok(sqlx::query("SELECT pg_advisory_unlock_all()").execute(conn).await.is_ok())
+}
+
+#[derive(sqlx::FromRow)]
+struct Verdict {
+    n: i64,
+    epoch: Option<i64>,
+    head: Option<i64>,
+    stored: bool,
+}
+
+/// One commit, as bound into the commit statement.
+struct Batch {
+    thread: Vec<String>,
+    ns: Vec<String>,
+    epoch: Vec<i64>,
+    id: Vec<i64>,
+    parent: Vec<Option<i64>>,
+    expected: Vec<Option<i64>>,
+    step: Vec<i64>,
+    source: Vec<&'static str>,
+    body: Vec<Vec<u8>>,
+    metadata: Vec<String>,
+    blob_n: Vec<i64>,
+    blob_channel: Vec<String>,
+    blob_version: Vec<i64>,
+    blob_base: Vec<Option<i64>>,
+    blob_data: Vec<Vec<u8>>,
+}
+
+impl Batch {
+    fn new(commits: &[(&Lease, &StepCommit)]) -> Result<Self> {
+        let blobs = commits.iter().map(|(_, c)| c.blobs.len()).sum();
+        let mut batch = Batch {
+            thread: Vec::with_capacity(commits.len()),
+            ns: Vec::with_capacity(commits.len()),
+            epoch: Vec::with_capacity(commits.len()),
+            id: Vec::with_capacity(commits.len()),
+            parent: Vec::with_capacity(commits.len()),
+            expected: Vec::with_capacity(commits.len()),
+            step: Vec::with_capacity(commits.len()),
+            source: Vec::with_capacity(commits.len()),
+            body: Vec::with_capacity(commits.len()),
+            metadata: Vec::with_capacity(commits.len()),
+            blob_n: Vec::with_capacity(blobs),
+            blob_channel: Vec::with_capacity(blobs),
+            blob_version: Vec::with_capacity(blobs),
+            blob_base: Vec::with_capacity(blobs),
+            blob_data: Vec::with_capacity(blobs),
+        };
+        for (n, (lease, commit)) in commits.iter().enumerate() {
+            let ckpt = &commit.checkpoint;
+            batch.thread.push(commit.thread.clone());
+            batch.ns.push(commit.ns.clone());
+            batch.epoch.push(lease.epoch as i64);
+            batch.id.push(ckpt.id as i64);
+            batch.parent.push(ckpt.parent.map(|p| p as i64));
+            batch.expected.push(ckpt.expected_head.map(|h| h as i64));
+            batch.step.push(ckpt.step as i64);
+            batch.source.push(ckpt.source.as_str());
+            batch.body.push(serde_json::to_vec(&ckpt.body)?);
+            batch.metadata.push(serde_json::to_string(&ckpt.metadata)?);
+            for blob in &commit.blobs {
+                batch.blob_n.push(n as i64 + 1);
+                batch.blob_channel.push(blob.channel.clone());
+                batch.blob_version.push(blob.version as i64);
+                batch.blob_base.push(blob.base.map(|b| b as i64));
+                batch.blob_data.push(blob.data.clone());
+            }
+        }
+        Ok(batch)
+    }
+}
+
+/// Commits a batch: one row of arrays per commit (`n` is its 1-based position), blobs flattened
+/// with the position of their commit. Returns the positions of the commits that went through.
+///
+/// Under READ COMMITTED:
+/// - `fenced` locks each thread row FOR SHARE and keeps the commits whose epoch is current. An
+///   acquire's epoch bump (an UPDATE) waits for this statement, and this statement waits for a
+///   bump in flight, then re-checks the epoch on the bumped row.
+/// - `moved` is the head compare-and-swap: its UPDATE waits for a concurrent commit or
+///   `put_writes` (which holds the head row FOR SHARE) and re-checks `head = expected` on the
+///   latest row. `born` creates the head of a namespace's first checkpoint.
+/// - Checkpoints and blobs are inserted only for the commits that moved their head (replacing
+///   rows of the same key, as the memory backend does).
+/// - `folded` deletes the pending writes of the parent, now folded into the new checkpoint. It
+///   also deletes those of the replaced head's parent: a `put_writes` that held the head row
+///   while the previous commit's statement started is invisible to that statement's snapshot, so
+///   its rows could outlive it; the next commit removes them.
+const COMMIT_SQL: &str = r"
+WITH input AS (
+    SELECT *
+    FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int8[],
+                $8::text[], $9::bytea[], $10::text[])
+        WITH ORDINALITY AS c(thread_id, ns, epoch, id, parent, expected, step, source, body, metadata, n)
+),
+fenced AS (
+    SELECT c.*, t.tid
+    FROM input c JOIN threads t ON t.thread_id = c.thread_id
+    WHERE t.epoch = c.epoch
+    FOR SHARE OF t
+),
+moved AS (
+    UPDATE heads h SET head = f.id
+    FROM fenced f
+    WHERE h.tid = f.tid AND h.ns = f.ns AND h.head = f.expected
+    RETURNING f.n
+),
+born AS (
+    INSERT INTO heads (tid, ns, head)
+    SELECT f.tid, f.ns, f.id FROM fenced f WHERE f.expected IS NULL
+    ON CONFLICT DO NOTHING
+    RETURNING tid, ns
+),
+won AS (
+    SELECT n FROM moved
+    UNION ALL
+    SELECT f.n FROM born b JOIN fenced f ON f.tid = b.tid AND f.ns = b.ns
+),
+saved AS (
+    INSERT INTO checkpoints (tid, ns, id, parent, step, source, body, metadata)
+    SELECT f.tid, f.ns, f.id, f.parent, f.step, f.source, f.body, f.metadata::jsonb
+    FROM fenced f JOIN won USING (n)
+    ON CONFLICT (tid, ns, id) DO UPDATE
+    SET parent = excluded.parent, step = excluded.step, source = excluded.source, body = excluded.body,
+        metadata = excluded.metadata, created_at = excluded.created_at
+),
+blobs AS (
+    INSERT INTO channel_values (tid, ns, channel, version, base, data)
+    SELECT f.tid, f.ns, b.channel, b.version, b.base, b.data
+    FROM unnest($11::int8[], $12::text[], $13::int8[], $14::int8[], $15::bytea[])
+            AS b(n, channel, version, base, data)
+        JOIN won USING (n)
+        JOIN fenced f USING (n)
+    ON CONFLICT (tid, ns, channel, version) DO UPDATE SET base = excluded.base, data = excluded.data
+),
+folded AS (
+    DELETE FROM writes w
+    USING (
+        SELECT f.tid, f.ns, f.parent AS checkpoint FROM fenced f JOIN won USING (n)
+        UNION
+        SELECT f.tid, f.ns, k.parent
+        FROM fenced f
+            JOIN won USING (n)
+            JOIN checkpoints k ON k.tid = f.tid AND k.ns = f.ns AND k.id = f.expected
+    ) d
+    WHERE w.tid = d.tid AND w.ns = d.ns AND w.checkpoint = d.checkpoint
+)
+SELECT n FROM won
+";
+
+/// Takes a thread's lock (`$6`) and, if it got it, the thread: creates it or bumps its epoch,
+/// unless another graph owns it and no change is allowed (`$5`). One round trip. The upsert
+/// works on the newest thread row (it waits for a commit holding it FOR SHARE); the highest
+/// checkpoint id is read by the next statement, whose snapshot sees that commit.
+const TAKE_SQL: &str = r"
+WITH lock AS (
+    SELECT pg_try_advisory_lock($6) AS locked, pg_backend_pid() AS pid
+),
+bumped AS (
+    INSERT INTO threads (thread_id, graph_name, graph_hash, owner, epoch)
+    SELECT $1, $2, $3, $4, 1 FROM lock WHERE locked
+    ON CONFLICT (thread_id) DO UPDATE
+    SET epoch = threads.epoch + 1, owner = excluded.owner, updated_at = now(),
+        graph_name = excluded.graph_name, graph_hash = excluded.graph_hash
+    WHERE $5 OR (threads.graph_name = excluded.graph_name AND threads.graph_hash = excluded.graph_hash)
+    RETURNING tid, epoch
+)
+SELECT lock.locked, lock.pid, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true
+";
+
+/// What [`TAKE_SQL`] did: no `tid` with `locked` means another graph owns the thread.
+#[derive(sqlx::FromRow)]
+struct Taken {
+    locked: bool,
+    pid: i32,
+    tid: Option<i64>,
+    epoch: Option<i64>,
+}
+
+/// Why commits were refused: each one's thread epoch, head, and whether its checkpoint exists.
+const VERDICT_SQL: &str = r"
+SELECT c.n, t.epoch, h.head,
+       EXISTS (SELECT 1 FROM checkpoints k WHERE k.tid = t.tid AND k.ns = c.ns AND k.id = c.id) AS stored
+FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS c(thread_id, ns, id, n)
+    LEFT JOIN threads t ON t.thread_id = c.thread_id
+    LEFT JOIN heads h ON h.tid = t.tid AND h.ns = c.ns
+";
+
+/// What a refused commit turned out to be.
+enum Refusal {
+    /// Refused for good.
+    Final(Error),
+    /// A retry of a commit that went through.
+    AlreadyDone,
+    /// Nothing explains the refusal any more (the state changed since): try again.
+    Retry,
+}
 
 impl PostgresCheckpointer {
-    /// Connects.
-    pub async fn connect(_url: &str) -> Result<Self> {
-        Ok(PostgresCheckpointer)
+    /// Connects a pool to `url` and brings the schema up to date.
+    ///
+    /// Errors never repeat the URL or its password.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options = PgConnectOptions::from_str(url).map_err(pg_error("connect"))?;
+        // One connection first: it fails at once with the cause (refused, authentication...),
+        // where the pool would retry until its timeout and report only that.
+        let probe = options.connect().await.map_err(pg_error("connect"))?;
+        let _ = probe.close().await;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with(options);
+        Self::from_pool(pool).await
+    }
+
+    /// Uses an existing pool (for example the one `#[sqlx::test]` gives), bringing the schema up
+    /// to date. Lease connections are opened with the pool's connection settings.
+    pub async fn from_pool(pool: PgPool) -> Result<Self> {
+        MIGRATOR.run(&pool).await.map_err(|e| pg_error("migrate")(e.into()))?;
+        // Lease connections only write epoch bumps, which need not wait for the WAL flush: a bump
+        // lost in a crash takes with it every later commit of its holder (the WAL is flushed in
+        // order), and that holder's next commits are refused as fenced. Safe, and one fsync
+        // less per acquire.
+        let lease_options = PgConnectOptions::clone(&pool.connect_options()).options([("synchronous_commit", "off")]);
+        let leases = PgPoolOptions::new()
+            .max_connections(MAX_LEASES)
+            .idle_timeout(Duration::from_mins(1))
+            // The lock query tells a dead connection soon enough (and is retried once).
+            .test_before_acquire(false)
+            .after_release(|conn, _| Box::pin(unlock_all(conn)))
+            .connect_lazy_with(lease_options);
+        Ok(PostgresCheckpointer { pool, leases })
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Commits several super-steps, each as [`Checkpointer::commit`] would, in as few statements
+    /// as possible: commits of different threads (or namespaces) share one statement, one round
+    /// trip. Commits of the same namespace go in order, one per statement. Returns one result
+    /// per commit, in order.
+    pub async fn commit_batch(&self, commits: &[(&Lease, &StepCommit)]) -> Vec<Result<()>> {
+        let mut results: Vec<Option<Result<()>>> = commits.iter().map(|_| None).collect();
+        for round in rounds(commits) {
+            let group: Vec<(&Lease, &StepCommit)> = round.iter().map(|&i| commits[i]).collect();
+            let outcomes = self.commit_round(&group).await;
+            for (i, outcome) in round.into_iter().zip(outcomes) {
+                results[i] = Some(outcome);
+            }
+        }
+        results.into_iter().map(|r| r.unwrap_or_else(|| Err(unanswered()))).collect()
+    }
+
+    /// Commits a group with at most one commit per (thread, namespace).
+    async fn commit_round(&self, group: &[(&Lease, &StepCommit)]) -> Vec<Result<()>> {
+        let mut results: Vec<Option<Result<()>>> = group.iter().map(|_| None).collect();
+        let mut pending: Vec<usize> = (0..group.len()).collect();
+        // A refusal that the follow-up query cannot explain means the state changed between the
+        // two; a few attempts settle it.
+        for _ in 0..3 {
+            if pending.is_empty() {
+                break;
+            }
+            let todo: Vec<(&Lease, &StepCommit)> = pending.iter().map(|&i| group[i]).collect();
+            match self.run_commit(&todo).await {
+                Ok(outcomes) => {
+                    let mut retry = Vec::new();
+                    for (&i, outcome) in pending.iter().zip(outcomes) {
+                        match outcome {
+                            Some(result) => results[i] = Some(result),
+                            None => retry.push(i),
+                        }
+                    }
+                    pending = retry;
+                }
+                Err(err) if todo.len() > 1 && !err.is_transient() => {
+                    // One bad commit (say, an id stored twice) fails the whole statement: commit
+                    // one by one so only it fails.
+                    for &i in &pending {
+                        let one = Box::pin(self.commit_round(&group[i..=i])).await;
+                        results[i] = one.into_iter().next();
+                    }
+                    pending.clear();
+                }
+                Err(err) => {
+                    for &i in &pending {
+                        results[i] = Some(Err(clone_error(&err)));
+                    }
+                    pending.clear();
+                }
+            }
+        }
+        for i in pending {
+            let (_, commit) = group[i];
+            results[i] = Some(Err(Error::Checkpoint {
+                backend: BACKEND,
+                message: format!("commit of checkpoint {} refused without a cause", commit.checkpoint.id),
+                transient: true,
+            }));
+        }
+        results.into_iter().map(|r| r.unwrap_or_else(|| Err(unanswered()))).collect()
+    }
+
+    /// Runs the commit statement, then explains the refusals. `None`: try again.
+    async fn run_commit(&self, todo: &[(&Lease, &StepCommit)]) -> Result<Vec<Option<Result<()>>>> {
+        let b = Batch::new(todo)?;
+        let won: Vec<i64> = sqlx::query_scalar(COMMIT_SQL)
+            .bind(&b.thread)
+            .bind(&b.ns)
+            .bind(&b.epoch)
+            .bind(&b.id)
+            .bind(&b.parent)
+            .bind(&b.expected)
+            .bind(&b.step)
+            .bind(&b.source)
+            .bind(&b.body)
+            .bind(&b.metadata)
+            .bind(&b.blob_n)
+            .bind(&b.blob_channel)
+            .bind(&b.blob_version)
+            .bind(&b.blob_base)
+            .bind(&b.blob_data)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(pg_error("commit"))?;
+        let won: HashSet<usize> = won.into_iter().map(|n| n as usize - 1).collect();
+        let mut outcomes: Vec<Option<Result<()>>> =
+            (0..todo.len()).map(|i| won.contains(&i).then_some(Ok(()))).collect();
+        if won.len() == todo.len() {
+            return Ok(outcomes);
+        }
+        let refused: Vec<usize> = (0..todo.len()).filter(|i| !won.contains(i)).collect();
+        let verdicts: Vec<Verdict> = sqlx::query_as(VERDICT_SQL)
+            .bind(refused.iter().map(|&i| todo[i].1.thread.as_str()).collect::<Vec<_>>())
+            .bind(refused.iter().map(|&i| todo[i].1.ns.as_str()).collect::<Vec<_>>())
+            .bind(i64s(refused.iter().map(|&i| todo[i].1.checkpoint.id)))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(pg_error("commit"))?;
+        for verdict in verdicts {
+            let i = refused[verdict.n as usize - 1];
+            let (lease, commit) = todo[i];
+            outcomes[i] = match judge(lease, commit, &verdict) {
+                Refusal::Final(err) => Some(Err(err)),
+                Refusal::AlreadyDone => Some(Ok(())),
+                Refusal::Retry => None,
+            };
+        }
+        Ok(outcomes)
+    }
+
+    /// Takes the advisory lock on a lease connection and, holding it, the thread: the epoch
+    /// bumped, the graph checked. Waits for a lock this process is releasing; `Ok(None)`: another
+    /// session holds it.
+    async fn take(&self, request: &LeaseRequest<'_>, key: i64) -> Result<Option<(PoolConnection<Postgres>, Taken)>> {
+        let fail = pg_error("acquire");
+        let deadline = Instant::now() + RELEASE_WAIT;
+        let mut conn = self.leases.acquire().await.map_err(&fail)?;
+        let mut fresh = false;
+        loop {
+            let taken: std::result::Result<Taken, sqlx::Error> = sqlx::query_as(TAKE_SQL)
+                .bind(request.thread)
+                .bind(&request.graph.name)
+                .bind(&request.graph.hash)
+                .bind(request.owner)
+                .bind(request.allow_graph_change)
+                .bind(key)
+                .fetch_one(&mut *conn)
+                .await;
+            match taken {
+                Ok(taken) if taken.locked => {
+                    releasing().remove(&taken.pid);
+                    return Ok(Some((conn, taken)));
+                }
+                Ok(_) => {
+                    if Instant::now() >= deadline || !Self::held_by_releasing_session(&mut conn, key).await? {
+                        return Ok(None);
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                // An idle connection may have died (server restart, idle timeout): one more try
+                // on a new one.
+                Err(err) if !fresh && store_error(BACKEND, "acquire", &err, transient_sqlstate).is_transient() => {
+                    drop(conn.detach());
+                    conn = self.leases.acquire().await.map_err(&fail)?;
+                    fresh = true;
+                }
+                Err(err) => return Err(fail(err)),
+            }
+        }
+    }
+
+    /// Whether the lock is held by a lease connection this process released (still unlocking), or
+    /// by no one any more.
+    async fn held_by_releasing_session(conn: &mut PgConnection, key: i64) -> Result<bool> {
+        let holders: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_locks
+             WHERE locktype = 'advisory' AND granted AND objsubid = 1
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND classid = $1::int8::oid AND objid = $2::int8::oid",
+        )
+        .bind(((key as u64) >> 32) as i64)
+        .bind(((key as u64) & 0xffff_ffff) as i64)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(pg_error("acquire"))?;
+        let mut releasing = releasing();
+        releasing.retain(|_, at| at.elapsed() < RELEASE_WAIT * 4);
+        // No holder: it let go since the lock was tried; try again.
+        Ok(holders.is_empty() || holders.iter().any(|pid| releasing.contains_key(pid)))
+    }
+
+    /// The highest checkpoint id of a thread, across its namespaces.
+    ///
+    /// A statement of its own, after the epoch bump: a commit of the previous holder that the
+    /// bump waited for is visible to it (a statement's snapshot predates its waits).
+    async fn max_seq(conn: &mut PgConnection, tid: i64) -> Result<u64> {
+        let max_seq: i64 = sqlx::query_scalar(
+            "SELECT coalesce(max((SELECT max(c.id) FROM checkpoints c WHERE c.tid = h.tid AND c.ns = h.ns)), 0)::int8
+             FROM heads h WHERE h.tid = $1",
+        )
+        .bind(tid)
+        .fetch_one(conn)
+        .await
+        .map_err(pg_error("acquire"))?;
+        Ok(max_seq as u64)
+    }
+
+    async fn graph_mismatch(conn: &mut PgConnection, request: &LeaseRequest<'_>) -> Result<Error> {
+        let stored: Option<(String, String)> =
+            sqlx::query_as("SELECT graph_name, graph_hash FROM threads WHERE thread_id = $1")
+                .bind(request.thread)
+                .fetch_optional(conn)
+                .await
+                .map_err(pg_error("acquire"))?;
+        let stored = stored.map(|(name, hash)| GraphIdentity { name, hash }.to_string()).unwrap_or_default();
+        Ok(Error::GraphMismatch { thread: request.thread.to_owned(), stored, requested: request.graph.to_string() })
+    }
+}
+
+impl PostgresCheckpointer {
+    async fn load_once(&self, thread: &str, ns: &str, id: Option<u64>) -> Result<Option<StoredCheckpoint>> {
+        let row: Option<LoadRow> = sqlx::query_as(
+            // The target is computed first so the checkpoint is one primary-key probe, whatever
+            // the planner's statistics say.
+            "WITH target AS (
+                SELECT t.tid, coalesce($3, (SELECT h.head FROM heads h WHERE h.tid = t.tid AND h.ns = $2)) AS id
+                FROM threads t WHERE t.thread_id = $1
+             )
+             SELECT c.tid, c.id, c.parent, c.step, c.source, c.body, c.metadata::text AS metadata,
+                    (extract(epoch FROM c.created_at) * 1000000)::int8 AS created_us
+             FROM target JOIN checkpoints c ON c.tid = target.tid AND c.ns = $2 AND c.id = target.id",
+        )
+        .bind(thread)
+        .bind(ns)
+        .bind(id.map(|i| i as i64))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(pg_error("load"))?;
+        let Some(LoadRow { tid, row }) = row else { return Ok(None) };
+        let body = row.body()?;
+        let rows: Vec<ChannelRows> = if body.versions.is_empty() {
+            Vec::new()
+        } else {
+            let (channels, (lo, hi)): (Vec<&str>, (Vec<i64>, Vec<i64>)) =
+                blob_ranges(&body).map(|(c, lo, hi)| (c, (lo as i64, hi as i64))).unzip();
+            sqlx::query_as(
+                // Per channel, one primary-key range scan aggregated into arrays: a long delta
+                // chain comes back as one row of three arrays rather than a thousand rows.
+                "SELECT k.channel, v.versions, v.bases, v.data
+                 FROM unnest($3::text[], $4::int8[], $5::int8[]) AS k(channel, lo, hi)
+                    CROSS JOIN LATERAL (
+                        SELECT coalesce(array_agg(v.version), '{}') AS versions,
+                               coalesce(array_agg(v.base), '{}') AS bases,
+                               coalesce(array_agg(v.data), '{}') AS data
+                        FROM channel_values v
+                        WHERE v.tid = $1 AND v.ns = $2 AND v.channel = k.channel AND v.version BETWEEN k.lo AND k.hi
+                    ) v",
+            )
+            .bind(tid)
+            .bind(ns)
+            .bind(channels)
+            .bind(lo)
+            .bind(hi)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(pg_error("load"))?
+        };
+        let values = materialize_rows(&body, rows)?;
+        Ok(Some(row.into_stored(BACKEND, ns, body, values)?))
+    }
+}
+
+/// Splits a batch into rounds with at most one commit per (thread, namespace), keeping the order
+/// of commits of the same namespace.
+fn rounds(commits: &[(&Lease, &StepCommit)]) -> Vec<Vec<usize>> {
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut next: HashMap<(&str, &str), usize> = HashMap::new();
+    for (i, (_, commit)) in commits.iter().enumerate() {
+        let slot = next.entry((commit.thread.as_str(), commit.ns.as_str())).or_insert(0);
+        if rounds.len() <= *slot {
+            rounds.push(Vec::new());
+        }
+        rounds[*slot].push(i);
+        *slot += 1;
+    }
+    rounds
+}
+
+/// Explains a refused commit, in the order the memory backend checks.
+fn judge(lease: &Lease, commit: &StepCommit, verdict: &Verdict) -> Refusal {
+    let ckpt = &commit.checkpoint;
+    let Some(epoch) = verdict.epoch else {
+        return Refusal::Final(Error::NotFound(format!("thread `{}`", commit.thread)));
+    };
+    if epoch as u64 != lease.epoch {
+        return Refusal::Final(Error::LeaseLost { thread: commit.thread.clone(), epoch: lease.epoch });
+    }
+    let head = verdict.head.map(|h| h as u64);
+    if verdict.stored && head == Some(ckpt.id) {
+        return Refusal::AlreadyDone;
+    }
+    if head != ckpt.expected_head {
+        return Refusal::Final(Error::HeadMoved {
+            thread: commit.thread.clone(),
+            ns: commit.ns.clone(),
+            expected: ckpt.expected_head,
+            found: head,
+        });
+    }
+    Refusal::Retry
+}
+
+/// A commit the batch left without an outcome (never expected: every commit gets one).
+fn unanswered() -> Error {
+    Error::Checkpoint { backend: BACKEND, message: "commit left without an outcome".to_owned(), transient: true }
+}
+
+/// Errors are not `Clone`; a failed batch statement fails each of its commits alike.
+fn clone_error(err: &Error) -> Error {
+    match err {
+        Error::Checkpoint { backend, message, transient } => {
+            Error::Checkpoint { backend, message: message.clone(), transient: *transient }
+        }
+        other => Error::Checkpoint { backend: BACKEND, message: other.to_string(), transient: false },
+    }
+}
+
+#[async_trait]
+impl Checkpointer for PostgresCheckpointer {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn acquire(&self, request: LeaseRequest<'_>) -> Result<Lease> {
+        let key = lease_key(request.thread);
+        let Some((mut conn, taken)) = self.take(&request, key).await? else {
+            let owner: Option<Option<String>> = sqlx::query_scalar("SELECT owner FROM threads WHERE thread_id = $1")
+                .bind(request.thread)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(pg_error("acquire"))?;
+            return Err(Error::LeaseHeld {
+                thread: request.thread.to_owned(),
+                owner: owner.flatten().unwrap_or_default(),
+                until: until_words(None),
+            });
+        };
+        let outcome = match (taken.tid, taken.epoch) {
+            (Some(tid), Some(epoch)) => Self::max_seq(&mut conn, tid).await.map(|max_seq| (epoch as u64, max_seq)),
+            _ => Err(Self::graph_mismatch(&mut conn, &request).await.unwrap_or_else(|err| err)),
+        };
+        match outcome {
+            Ok((epoch, max_seq)) => {
+                let guard = SessionLock { conn: Mutex::new(Some(conn)), pid: taken.pid };
+                Ok(Lease::new(request.thread, request.owner, epoch, max_seq, Some(Box::new(guard))))
+            }
+            Err(err) => {
+                // Unlocked before returning, so an acquire right after this one does not race the
+                // pool's unlocking. If that fails, the pool's `after_release` unlocks or closes it.
+                let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut *conn).await;
+                if unlocked.is_err() {
+                    releasing().insert(taken.pid, Instant::now());
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>> {
+        let row: Option<(String, String, i64, Option<String>)> =
+            sqlx::query_as("SELECT graph_name, graph_hash, epoch, owner FROM threads WHERE thread_id = $1")
+                .bind(thread)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(pg_error("read thread"))?;
+        Ok(row.map(|(name, hash, epoch, owner)| ThreadInfo {
+            thread: thread.to_owned(),
+            graph: GraphIdentity { name, hash },
+            epoch: epoch as u64,
+            owner,
+        }))
+    }
+
+    async fn commit(&self, lease: &Lease, commit: &StepCommit) -> Result<()> {
+        self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()))
+    }
+
+    async fn head(&self, thread: &str, ns: &str) -> Result<Option<u64>> {
+        let head: Option<i64> = sqlx::query_scalar(
+            "SELECT h.head FROM threads t JOIN heads h ON h.tid = t.tid WHERE t.thread_id = $1 AND h.ns = $2",
+        )
+        .bind(thread)
+        .bind(ns)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(pg_error("read head"))?;
+        Ok(head.map(|h| h as u64))
+    }
+
+    async fn load(&self, thread: &str, ns: &str, id: Option<u64>) -> Result<Option<StoredCheckpoint>> {
+        match self.load_once(thread, ns, id).await {
+            // The two reads are two snapshots: a prune between them may have taken the
+            // checkpoint and its blobs. Read again: it is gone now, or it loads.
+            Err(Error::Checkpoint { transient: false, .. }) => self.load_once(thread, ns, id).await,
+            other => other,
+        }
+    }
+
+    async fn list(&self, thread: &str, ns: &str, filter: &ListFilter) -> Result<Vec<CheckpointMeta>> {
+        let rows: Vec<MetaRow> = sqlx::query_as(
+            "SELECT c.id, c.parent, c.step, c.source, c.metadata::text AS metadata
+             FROM threads t JOIN checkpoints c ON c.tid = t.tid AND c.ns = $2
+             WHERE t.thread_id = $1
+               AND ($3::int8 IS NULL OR c.id < $3)
+               AND ($4::text IS NULL OR c.source = $4)
+             ORDER BY c.id DESC
+             LIMIT $5",
+        )
+        .bind(thread)
+        .bind(ns)
+        .bind(filter.before.map(|b| b as i64))
+        .bind(filter.source.map(super::Source::as_str))
+        .bind(filter.limit.map(|l| l.min(i64::MAX as usize) as i64))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pg_error("list"))?;
+        rows.into_iter().map(|r| r.into_meta(BACKEND, ns)).collect()
+    }
+
+    async fn put_writes(&self, step: StepRef<'_>, writes: &[PendingWrite]) -> Result<PutOutcome> {
+        // The head row is locked FOR SHARE: a commit moving the head waits for these writes (and
+        // deletes them as its parent's), or these writes wait for the commit and find the head
+        // moved. The first write of a (task, kind, key) wins.
+        let (current, saved): (i64, i64) = sqlx::query_as(
+            "WITH step AS (
+                SELECT h.tid FROM threads t JOIN heads h ON h.tid = t.tid
+                WHERE t.thread_id = $1 AND h.ns = $2 AND h.head = $3
+                FOR SHARE OF h
+             ),
+             saved AS (
+                INSERT INTO writes (tid, ns, checkpoint, task, kind, key, data)
+                SELECT s.tid, $2, $3, w.task, w.kind, w.key, w.data
+                FROM step s,
+                     unnest($4::text[], $5::text[], $6::text[], $7::bytea[]) WITH ORDINALITY AS w(task, kind, key, data, i)
+                ORDER BY w.i
+                ON CONFLICT DO NOTHING
+                RETURNING 1
+             )
+             SELECT (SELECT count(*) FROM step), (SELECT count(*) FROM saved)",
+        )
+        .bind(step.thread)
+        .bind(step.ns)
+        .bind(step.checkpoint as i64)
+        .bind(writes.iter().map(|w| w.task.as_str()).collect::<Vec<_>>())
+        .bind(writes.iter().map(|w| w.kind.as_str()).collect::<Vec<_>>())
+        .bind(writes.iter().map(|w| w.key.as_str()).collect::<Vec<_>>())
+        .bind(writes.iter().map(|w| w.data.as_slice()).collect::<Vec<_>>())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(pg_error("put writes"))?;
+        if current == 0 {
+            return Err(stale_task(step, writes));
+        }
+        Ok(if saved as usize == writes.len() { PutOutcome::Accepted } else { PutOutcome::Duplicate })
+    }
+
+    async fn pending_writes(&self, step: StepRef<'_>) -> Result<Vec<PendingWrite>> {
+        let rows: Vec<WriteRow> = sqlx::query_as(
+            "SELECT w.task, w.kind, w.key, w.data
+             FROM threads t JOIN writes w ON w.tid = t.tid
+             WHERE t.thread_id = $1 AND w.ns = $2 AND w.checkpoint = $3
+             ORDER BY w.seq",
+        )
+        .bind(step.thread)
+        .bind(step.ns)
+        .bind(step.checkpoint as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(pg_error("read pending writes"))?;
+        rows.into_iter().map(|r| r.into_write(BACKEND)).collect()
+    }
+
+    async fn delete_thread(&self, thread: &str) -> Result<()> {
+        let fail = pg_error("delete thread");
+        let mut tx = self.pool.begin().await.map_err(&fail)?;
+        // Deleting the thread row first makes commits in flight finish (they hold it FOR SHARE)
+        // and later ones find no thread; the next statement's snapshot then sees every row.
+        let tid: Option<i64> = sqlx::query_scalar("DELETE FROM threads WHERE thread_id = $1 RETURNING tid")
+            .bind(thread)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(&fail)?;
+        if let Some(tid) = tid {
+            sqlx::query(
+                "WITH h AS (DELETE FROM heads WHERE tid = $1),
+                      c AS (DELETE FROM checkpoints WHERE tid = $1),
+                      v AS (DELETE FROM channel_values WHERE tid = $1)
+                 DELETE FROM writes WHERE tid = $1",
+            )
+            .bind(tid)
+            .execute(&mut *tx)
+            .await
+            .map_err(&fail)?;
+        }
+        tx.commit().await.map_err(&fail)
+    }
+
+    async fn prune(&self, thread: &str, keep: usize) -> Result<u64> {
+        let fail = pg_error("prune");
+        let mut tx = self.pool.begin().await.map_err(&fail)?;
+        // FOR UPDATE keeps commits out (they hold the row FOR SHARE) until the blobs no kept
+        // checkpoint needs are gone: a blob committed meanwhile would look unused.
+        let tid: Option<i64> = sqlx::query_scalar("SELECT tid FROM threads WHERE thread_id = $1 FOR UPDATE")
+            .bind(thread)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(&fail)?;
+        let Some(tid) = tid else { return Ok(0) };
+        let deleted: i64 = sqlx::query_scalar(
+            "WITH ranked AS (
+                SELECT ns, id, row_number() OVER (PARTITION BY ns ORDER BY id DESC) AS rank
+                FROM checkpoints WHERE tid = $1
+             ),
+             gone AS (
+                DELETE FROM checkpoints c USING ranked r
+                WHERE c.tid = $1 AND c.ns = r.ns AND c.id = r.id AND r.rank > $2
+                RETURNING c.ns, c.id
+             ),
+             writes_gone AS (
+                DELETE FROM writes w USING gone g WHERE w.tid = $1 AND w.ns = g.ns AND w.checkpoint = g.id
+             )
+             SELECT count(*) FROM gone",
+        )
+        .bind(tid)
+        .bind(keep.min(i64::MAX as usize) as i64)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(&fail)?;
+        let kept: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT ns, body FROM checkpoints WHERE tid = $1")
+            .bind(tid)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(&fail)?;
+        let kept =
+            kept.into_iter().map(|(ns, body)| Ok((ns, serde_json::from_slice(&body)?))).collect::<Result<Vec<_>>>()?;
+        let deltas: Vec<(String, String, i64, i64)> =
+            sqlx::query_as("SELECT ns, channel, version, base FROM channel_values WHERE tid = $1 AND base IS NOT NULL")
+                .bind(tid)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(&fail)?;
+        let deltas = deltas.into_iter().map(|(ns, channel, v, base)| ((ns, channel, v as u64), base as u64)).collect();
+        let used = blobs_to_keep(&kept, &deltas);
+        sqlx::query(
+            "DELETE FROM channel_values v
+             WHERE v.tid = $1
+               AND (v.ns, v.channel, v.version) NOT IN (SELECT * FROM unnest($2::text[], $3::text[], $4::int8[]))",
+        )
+        .bind(tid)
+        .bind(used.iter().map(|(ns, _, _)| ns.as_str()).collect::<Vec<_>>())
+        .bind(used.iter().map(|(_, channel, _)| channel.as_str()).collect::<Vec<_>>())
+        .bind(i64s(used.iter().map(|(_, _, v)| *v)))
+        .execute(&mut *tx)
+        .await
+        .map_err(&fail)?;
+        tx.commit().await.map_err(&fail)?;
+        Ok(deleted as u64)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct LoadRow {
+    tid: i64,
+    #[sqlx(flatten)]
+    row: CheckpointRow,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_sqlstates_are_connection_and_contention_failures() {
+        for code in ["08006", "08001", "57P01", "57P03", "53300", "40001", "40P01"] {
+            assert!(transient_sqlstate(code), "{code}");
+        }
+        for code in ["23505", "42P01", "22P02"] {
+            assert!(!transient_sqlstate(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn lease_keys_differ_per_thread_and_are_stable() {
+        assert_eq!(lease_key("a"), lease_key("a"));
+        assert_ne!(lease_key("a"), lease_key("b"));
     }
 }
