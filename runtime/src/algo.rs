@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::channel::Reduced;
+use crate::channel::{ChannelKind, Reduced};
 use crate::checkpoint::{ChannelBlob, ChannelVersion, CheckpointBody, PendingTask};
 use crate::error::{Error, Result};
 use crate::graph::{END, GraphInner, START};
@@ -104,7 +104,11 @@ pub(crate) fn finish_task(graph: &GraphInner, node: &str, snapshot: &State, upda
         goto.extend(targets.iter().map(Goto::node));
     }
     if let Some(branches) = graph.branches.get(node) {
-        let fresh = if update.writes.is_empty() { snapshot.clone() } else { with_writes(graph, node, snapshot, &update.writes)? };
+        let fresh = if update.writes.is_empty() {
+            snapshot.clone()
+        } else {
+            with_writes(graph, node, snapshot, &update.writes)?
+        };
         for branch in branches {
             let routed = (branch.router)(&fresh).map_err(|e| invalid(format!("router failed: {e}")))?;
             for g in routed {
@@ -162,7 +166,8 @@ pub(crate) fn apply_step(
     outputs: &[(&str, &TaskOutput)],
     new_id: u64,
 ) -> Result<Applied> {
-    let mut body = CheckpointBody { versions: prev.versions.clone(), barriers: prev.barriers.clone(), ..Default::default() };
+    let mut body =
+        CheckpointBody { versions: prev.versions.clone(), barriers: prev.barriers.clone(), ..Default::default() };
     let grouped = group(outputs.iter().flat_map(|(_, o)| o.writes.iter().map(|(c, v)| (c.as_str(), v.clone()))));
     let mut blobs = Vec::with_capacity(grouped.len());
     for (channel, writes) in grouped {
@@ -204,7 +209,9 @@ pub(crate) fn apply_step(
                 Goto::Node { node: target } => {
                     pulls.insert(target.clone());
                 }
-                Goto::Send { node: target, arg } => pushes.push(PendingTask::Push { node: target.clone(), arg: arg.clone() }),
+                Goto::Send { node: target, arg } => {
+                    pushes.push(PendingTask::Push { node: target.clone(), arg: arg.clone() });
+                }
             }
         }
         for (target, sources) in &graph.joins {
@@ -227,6 +234,33 @@ pub(crate) fn apply_step(
 
 fn body_with(body: CheckpointBody, blobs: Vec<ChannelBlob>) -> Applied {
     Applied { body, blobs }
+}
+
+/// What a subgraph changed, as writes to its parent: the new items of append channels, the
+/// difference of sums, and the final value of any other channel whose value changed.
+pub(crate) fn subgraph_update(parent: &GraphInner, before: &State, after: &State) -> Update {
+    let mut update = Update::new();
+    for (channel, spec) in &parent.channels {
+        let Some(new) = after.value(channel) else { continue };
+        let old = before.value(channel);
+        if old == Some(new) {
+            continue;
+        }
+        match (spec.kind(), old, new) {
+            (ChannelKind::Append, Some(Value::Array(old)), Value::Array(new)) if new.starts_with(old) => {
+                update = update.set(channel.clone(), Value::Array(new[old.len()..].to_vec()));
+            }
+            (ChannelKind::Sum, Some(old), new) => {
+                if let (Some(a), Some(b)) = (old.as_i64(), new.as_i64()) {
+                    update = update.set(channel.clone(), b - a);
+                } else if let (Some(a), Some(b)) = (old.as_f64(), new.as_f64()) {
+                    update = update.set(channel.clone(), b - a);
+                }
+            }
+            _ => update = update.set(channel.clone(), new.clone()),
+        }
+    }
+    update
 }
 
 /// The input of a run as a step of the virtual START node.

@@ -28,6 +28,8 @@ pub(crate) struct NodeSpec {
     pub(crate) retry: RetryPolicy,
     pub(crate) timeout: Option<Duration>,
     pub(crate) remote: bool,
+    /// A compiled graph run as this node, checkpointed in its own namespace.
+    pub(crate) subgraph: Option<Graph>,
 }
 
 pub(crate) struct Branch {
@@ -109,15 +111,31 @@ impl GraphBuilder {
     }
 
     /// Adds a node.
-    pub fn node(mut self, name: impl Into<String>, node: impl Node) -> Self {
+    pub fn node(self, name: impl Into<String>, node: impl Node) -> Self {
         let name = name.into();
+        self.add_node(name, Arc::new(node), None)
+    }
+
+    /// Adds a compiled graph as a node. It reads the parent's channels of the same names,
+    /// runs with its own checkpoints (a namespace of the parent's thread, under the parent's
+    /// lease), and writes back what it changed; its interrupts stop the parent and resume
+    /// into it where it stopped.
+    pub fn subgraph(self, name: impl Into<String>, graph: Graph) -> Self {
+        let placeholder: Arc<dyn Node> = Arc::new(crate::node::node_fn(|_, _| async {
+            Err(NodeError::fatal("a subgraph node is run by its parent's loop, not as a worker task"))
+        }));
+        self.add_node(name.into(), placeholder, Some(graph))
+    }
+
+    fn add_node(mut self, name: String, node: Arc<dyn Node>, subgraph: Option<Graph>) -> Self {
         if name == START || name == END {
             self.problems.push(format!("`{name}` is reserved and cannot be a node"));
         }
-        let spec = NodeSpec { node: Arc::new(node), retry: RetryPolicy::none(), timeout: None, remote: false };
-        if self.nodes.insert(name.clone(), spec).is_some() {
+        if self.nodes.contains_key(&name) {
             self.problems.push(format!("node `{name}` is added twice"));
         }
+        let spec = NodeSpec { node, retry: RetryPolicy::none(), timeout: None, remote: false, subgraph };
+        self.nodes.insert(name, spec);
         self
     }
 
@@ -347,9 +365,13 @@ impl GraphBuilder {
             put(name);
             put(channel.kind().name());
         }
-        for name in self.nodes.keys() {
+        for (name, spec) in &self.nodes {
             put("node");
             put(name);
+            if let Some(child) = &spec.subgraph {
+                put("subgraph");
+                put(&child.inner.identity.hash);
+            }
         }
         for (from, to) in &self.edges {
             put("edge");
@@ -432,7 +454,12 @@ mod tests {
     #[test]
     fn unreachable_node_is_named() {
         let err = compile_error(
-            GraphBuilder::new("g").node("a", noop()).node("lost", noop()).edge(START, "a").edge("a", END).edge("lost", END),
+            GraphBuilder::new("g")
+                .node("a", noop())
+                .node("lost", noop())
+                .edge(START, "a")
+                .edge("a", END)
+                .edge("lost", END),
         );
         assert!(err.contains("`lost` is unreachable"), "{err}");
     }

@@ -7,7 +7,9 @@ use std::time::SystemTime;
 use serde_json::{Value, json};
 
 use crate::algo;
-use crate::checkpoint::{CheckpointMeta, LeaseRequest, ListFilter, NewCheckpoint, Source, StepCommit, StepRef, WriteKind};
+use crate::checkpoint::{
+    CheckpointMeta, LeaseRequest, ListFilter, NewCheckpoint, Source, StepCommit, StepRef, WriteKind,
+};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::pregel::{Interrupt, InterruptKind, RunConfig};
@@ -83,12 +85,18 @@ impl Graph {
 
     /// Writes to the thread's state from outside, as if `as_node` had run (its edges then decide
     /// what runs next); without `as_node` the pending next step is kept. Returns the new checkpoint.
-    pub async fn update_state(&self, thread: &str, update: Update, as_node: Option<&str>, config: &RunConfig) -> Result<u64> {
+    pub async fn update_state(
+        &self,
+        thread: &str,
+        update: Update,
+        as_node: Option<&str>,
+        config: &RunConfig,
+    ) -> Result<u64> {
         let g = &self.inner;
-        if let Some(node) = as_node {
-            if !g.nodes.contains_key(node) {
-                return Err(Error::graph(&g.name, format!("update_state as unknown node `{node}`")));
-            }
+        if let Some(node) = as_node
+            && !g.nodes.contains_key(node)
+        {
+            return Err(Error::graph(&g.name, format!("update_state as unknown node `{node}`")));
         }
         let request = LeaseRequest {
             thread,
@@ -101,7 +109,7 @@ impl Graph {
         let current_head = store_call(|| self.store.head(thread, "")).await?;
         let (parent, prev_body, step, values) = match head {
             Some(h) => (Some(h.id), h.body, h.step, h.values),
-            None => (None, Default::default(), 0, Default::default()),
+            None => (None, crate::checkpoint::CheckpointBody::default(), 0, std::collections::BTreeMap::default()),
         };
         let mut values = values.into_iter().map(|(k, v)| (k, std::sync::Arc::new(v))).collect();
         let snapshot = State::new(std::mem::take(&mut values));

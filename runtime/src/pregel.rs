@@ -68,7 +68,7 @@ impl Default for RunConfig {
             owner: default_owner(),
             allow_graph_change: false,
             checkpoint: None,
-            remote_task_timeout: Duration::from_secs(600),
+            remote_task_timeout: Duration::from_mins(10),
         }
     }
 }
@@ -233,6 +233,15 @@ impl Pending {
             .collect()
     }
 
+    /// Resume values of one task, by interrupt id (a subgraph's interrupts keep their own ids).
+    fn subgraph_resumes(&self, task: &str) -> BTreeMap<String, Value> {
+        self.interrupts
+            .iter()
+            .filter(|(_, (t, _))| t == task)
+            .filter_map(|(id, _)| self.resumes.get(id).map(|v| (id.clone(), v.clone())))
+            .collect()
+    }
+
     /// Resume values of one task, by interrupt index.
     fn resumes_of(&self, task: &str) -> BTreeMap<usize, Value> {
         self.interrupts
@@ -287,7 +296,13 @@ impl Graph {
         tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
     }
 
-    async fn execute(&self, thread: &str, input: Input, config: &RunConfig, events: Option<EventSink>) -> Result<RunOutcome> {
+    async fn execute(
+        &self,
+        thread: &str,
+        input: Input,
+        config: &RunConfig,
+        events: Option<EventSink>,
+    ) -> Result<RunOutcome> {
         let request = LeaseRequest {
             thread,
             owner: &config.owner,
@@ -306,6 +321,7 @@ impl Graph {
             head: head.as_ref().map(|h| h.id),
             current: head.map(Current::from_stored),
             skip_static: false,
+            made_here: false,
             in_flight: None,
             exit: ExitBuffer::default(),
         };
@@ -336,6 +352,8 @@ struct Loop<'a> {
     head: Option<u64>,
     current: Option<Current>,
     skip_static: bool,
+    /// Whether `current` was made by this loop (so nothing else has written against it).
+    made_here: bool,
     in_flight: Option<CommitInFlight>,
     exit: ExitBuffer,
 }
@@ -380,16 +398,17 @@ impl Loop<'_> {
     async fn admit(&mut self, input: Input) -> Result<Option<RunOutcome>> {
         match input {
             Input::Start(update) => {
-                if let Some(cur) = &self.current {
-                    if !cur.body.next.is_empty() {
-                        let nodes: Vec<String> = algo::tasks_for("", cur.id, &cur.body).into_iter().map(|t| t.node).collect();
-                        return Err(Error::InvalidState(format!(
-                            "thread `{}` has a run in progress at step {} (next: {}); continue or resume it, or use another thread",
-                            self.thread,
-                            cur.step,
-                            nodes.join(", ")
-                        )));
-                    }
+                if let Some(cur) = &self.current
+                    && !cur.body.next.is_empty()
+                {
+                    let nodes: Vec<String> =
+                        algo::tasks_for("", cur.id, &cur.body).into_iter().map(|t| t.node).collect();
+                    return Err(Error::InvalidState(format!(
+                        "thread `{}` has a run in progress at step {} (next: {}); continue or resume it, or use another thread",
+                        self.thread,
+                        cur.step,
+                        nodes.join(", ")
+                    )));
                 }
                 let (prev_body, mut values, step) = match self.current.take() {
                     Some(cur) => (cur.body, cur.values, cur.step),
@@ -410,12 +429,16 @@ impl Loop<'_> {
                 // Admission: the run is durable before its first node runs, whatever the durability mode.
                 self.commit_now(checkpoint, applied.blobs).await?;
                 self.current = Some(Current { id, step, body: applied.body, values, metadata: Value::Null });
+                self.made_here = true;
                 self.emit_values();
                 Ok(None)
             }
             Input::Continue => {
                 if self.current.is_none() {
-                    return Err(Error::NotFound(format!("thread `{}` has no checkpoint to continue from", self.thread)));
+                    return Err(Error::NotFound(format!(
+                        "thread `{}` has no checkpoint to continue from",
+                        self.thread
+                    )));
                 }
                 Ok(None)
             }
@@ -429,7 +452,10 @@ impl Loop<'_> {
                         self.skip_static = true;
                         return Ok(None);
                     }
-                    return Err(Error::InvalidState(format!("thread `{}` is not interrupted; nothing to resume", self.thread)));
+                    return Err(Error::InvalidState(format!(
+                        "thread `{}` is not interrupted; nothing to resume",
+                        self.thread
+                    )));
                 }
                 let values: Vec<(String, Value)> = match resume {
                     Resume::Value(value) if open.len() == 1 => vec![(open[0].id.clone(), value)],
@@ -470,11 +496,11 @@ impl Loop<'_> {
     }
 
     fn emit_values(&self) {
-        if self.events.is_some() {
-            if let Some(cur) = &self.current {
-                let state = State::new(cur.values.clone()).to_json();
-                self.emit(Event::Values { step: cur.step, state });
-            }
+        if self.events.is_some()
+            && let Some(cur) = &self.current
+        {
+            let state = State::new(cur.values.clone()).to_json();
+            self.emit(Event::Values { step: cur.step, state });
         }
     }
 
@@ -506,7 +532,12 @@ impl Loop<'_> {
                 let before: Vec<Interrupt> = tasks
                     .iter()
                     .filter(|t| g.interrupt_before.contains(&t.node))
-                    .map(|t| Interrupt { id: t.id.clone(), node: t.node.clone(), value: Value::Null, kind: InterruptKind::Before })
+                    .map(|t| Interrupt {
+                        id: t.id.clone(),
+                        node: t.node.clone(),
+                        value: Value::Null,
+                        kind: InterruptKind::Before,
+                    })
                     .collect();
                 if !before.is_empty() {
                     self.flush_exit().await?;
@@ -514,7 +545,8 @@ impl Loop<'_> {
                 }
             }
             let (id, step) = (cur.id, cur.step);
-            let pending = if self.head == Some(id) {
+            // A checkpoint this loop just made has no pending writes yet: skip the round trip.
+            let pending = if self.head == Some(id) && !self.made_here {
                 self.settle().await?;
                 Pending::parse(store_call(|| self.graph.store.pending_writes(self.step_ref(id))).await?)?
             } else {
@@ -534,52 +566,7 @@ impl Loop<'_> {
             if let Some(outcome) = self.settle_step(&tasks, &results, &pending).await? {
                 return Ok(outcome);
             }
-            let mut outputs: Vec<(&Task, &TaskOutput)> = Vec::with_capacity(tasks.len());
-            for task in &tasks {
-                let output = pending.outputs.get(&task.id).or_else(|| match results.get(&task.id) {
-                    Some(TaskResult::Done(output)) => Some(output),
-                    _ => None,
-                });
-                if let Some(output) = output {
-                    outputs.push((task, output));
-                }
-            }
-            for (task, output) in &outputs {
-                self.emit(Event::Updates {
-                    step,
-                    node: task.node.clone(),
-                    task: task.id.clone(),
-                    writes: output.writes.clone(),
-                });
-            }
-            let new_id = self.lease.next_checkpoint_id();
-            let cur = self.current.as_mut().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
-            let by_node: Vec<(&str, &TaskOutput)> = outputs.iter().map(|(t, o)| (t.node.as_str(), *o)).collect();
-            let applied = algo::apply_step(&g, &cur.body, &mut cur.values, &by_node, new_id)?;
-            let after = outputs.iter().any(|(t, _)| g.interrupt_after.contains(&t.node)) && !applied.body.next.is_empty();
-            let metadata = json!({
-                "source": "loop",
-                "step": step + 1,
-                "owner": self.lease.owner,
-                "tasks": outputs.iter().map(|(t, _)| json!({"id": t.id, "node": t.node})).collect::<Vec<_>>(),
-                "interrupt_after": after,
-            });
-            let checkpoint = NewCheckpoint {
-                id: new_id,
-                parent: Some(id),
-                expected_head: Some(id),
-                step: step + 1,
-                source: Source::Loop,
-                body: applied.body.clone(),
-                metadata: metadata.clone(),
-            };
-            cur.id = new_id;
-            cur.step = step + 1;
-            cur.body = applied.body;
-            cur.metadata = metadata;
-            drop(outputs);
-            self.commit(checkpoint, applied.blobs).await?;
-            self.emit_values();
+            let after = self.apply_and_commit(&g, &tasks, &results, &pending, (id, step)).await?;
             if after {
                 let cur = self.current.as_ref().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
                 let interrupts = algo::tasks_for(&self.ns, cur.id, &cur.body)
@@ -590,6 +577,135 @@ impl Loop<'_> {
                 return Ok(RunOutcome::Interrupted(interrupts));
             }
         }
+    }
+
+    /// Applies a finished step's outputs in task-path order and commits the next checkpoint.
+    /// Returns whether a static `interrupt_after` stops the run here.
+    async fn apply_and_commit(
+        &mut self,
+        g: &crate::graph::GraphInner,
+        tasks: &[Task],
+        results: &HashMap<String, TaskResult>,
+        pending: &Pending,
+        (id, step): (u64, u64),
+    ) -> Result<bool> {
+        let mut outputs: Vec<(&Task, &TaskOutput)> = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let output = pending.outputs.get(&task.id).or_else(|| match results.get(&task.id) {
+                Some(TaskResult::Done(output)) => Some(output),
+                _ => None,
+            });
+            if let Some(output) = output {
+                outputs.push((task, output));
+            }
+        }
+        for (task, output) in &outputs {
+            self.emit(Event::Updates {
+                step,
+                node: task.node.clone(),
+                task: task.id.clone(),
+                writes: output.writes.clone(),
+            });
+        }
+        let new_id = self.lease.next_checkpoint_id();
+        let cur = self.current.as_mut().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
+        let by_node: Vec<(&str, &TaskOutput)> = outputs.iter().map(|(t, o)| (t.node.as_str(), *o)).collect();
+        let applied = algo::apply_step(g, &cur.body, &mut cur.values, &by_node, new_id)?;
+        let after = outputs.iter().any(|(t, _)| g.interrupt_after.contains(&t.node)) && !applied.body.next.is_empty();
+        let metadata = json!({
+            "source": "loop",
+            "step": step + 1,
+            "owner": self.lease.owner,
+            "tasks": outputs.iter().map(|(t, _)| json!({"id": t.id, "node": t.node})).collect::<Vec<_>>(),
+            "interrupt_after": after,
+        });
+        let checkpoint = NewCheckpoint {
+            id: new_id,
+            parent: Some(id),
+            expected_head: Some(id),
+            step: step + 1,
+            source: Source::Loop,
+            body: applied.body.clone(),
+            metadata: metadata.clone(),
+        };
+        cur.id = new_id;
+        cur.step = step + 1;
+        self.made_here = true;
+        cur.body = applied.body;
+        cur.metadata = metadata;
+        drop(outputs);
+        self.commit(checkpoint, applied.blobs).await?;
+        self.emit_values();
+        Ok(after)
+    }
+
+    /// Runs a subgraph node: its own loop in the namespace `node:task`, under this loop's lease.
+    fn run_subgraph<'s>(
+        &'s self,
+        child: &'s Graph,
+        task: &'s Task,
+        state: State,
+        resumes: BTreeMap<String, Value>,
+    ) -> BoxFuture<'s, TaskResult> {
+        let ns = if self.ns.is_empty() {
+            format!("{}:{}", task.node, task.id)
+        } else {
+            format!("{}|{}:{}", self.ns, task.node, task.id)
+        };
+        Box::pin(async move {
+            // The subgraph checkpoints into the parent's store, whatever store it was built with.
+            let child = child.clone().with_checkpointer(Arc::clone(&self.graph.store));
+            let result: Result<TaskResult> = async {
+                let head = store_call(|| child.store.load(&self.thread, &ns, None)).await?;
+                let input = match &head {
+                    None => {
+                        let mut update = Update::new();
+                        for channel in child.inner.channels.keys() {
+                            if let Some(value) = state.value(channel) {
+                                update = update.set(channel.clone(), value.clone());
+                            }
+                        }
+                        Input::Start(update)
+                    }
+                    Some(_) if !resumes.is_empty() => Input::Resume(Resume::ById(resumes)),
+                    Some(_) => Input::Continue,
+                };
+                let mut inner = Loop {
+                    graph: &child,
+                    lease: Arc::clone(&self.lease),
+                    thread: self.thread.clone(),
+                    ns: ns.clone(),
+                    config: self.config,
+                    events: None,
+                    head: head.as_ref().map(|h| h.id),
+                    current: head.map(Current::from_stored),
+                    skip_static: false,
+                    made_here: false,
+                    in_flight: None,
+                    exit: ExitBuffer::default(),
+                };
+                inner.admit(input).await?;
+                let outcome = inner.run().await;
+                inner.settle().await?;
+                Ok(match outcome? {
+                    RunOutcome::Done(after) => {
+                        let update = algo::subgraph_update(&self.graph.inner, &state, &after);
+                        match algo::finish_task(&self.graph.inner, &task.node, &state, update) {
+                            Ok(output) => TaskResult::Done(output),
+                            Err(e) => TaskResult::Failed(e),
+                        }
+                    }
+                    RunOutcome::Interrupted(list) => TaskResult::Suspended(list),
+                })
+            }
+            .await;
+            result.unwrap_or_else(|e| match e {
+                Error::Node { .. } | Error::InvalidUpdate { .. } => TaskResult::Failed(e),
+                other => {
+                    TaskResult::Failed(Error::Node { node: task.node.clone(), attempts: 1, message: other.to_string() })
+                }
+            })
+        })
     }
 
     /// Runs the tasks that have no output yet: local ones here, remote ones by waiting for workers.
@@ -630,29 +746,22 @@ impl Loop<'_> {
             let state = state.clone();
             let step = self.step_ref(cur.id);
             let persist = persist.clone();
+            let subgraph_resumes = pending.subgraph_resumes(&task.id);
             running.push(async move {
-                let result = runner::run_task(g, spec, task, state, ctx).await;
-                let write = match &result {
-                    TaskResult::Done(output) if persist_each => Some(encode(task, WriteKind::Output, "", output)),
-                    TaskResult::Interrupted { index, value } => Some(encode(
-                        task,
-                        WriteKind::Interrupt,
-                        &interrupt_id(&task.id, *index),
-                        &InterruptRecord { node: task.node.clone(), index: *index, value: value.clone() },
-                    )),
-                    TaskResult::Failed(e) => {
-                        Some(encode(task, WriteKind::Error, "", &ErrorRecord { node: task.node.clone(), message: e.to_string() }))
-                    }
-                    TaskResult::Done(_) => None,
+                let result = match &spec.subgraph {
+                    Some(child) => self.run_subgraph(child, task, state, subgraph_resumes).await,
+                    None => runner::run_task(g, spec, task, state, ctx).await,
                 };
                 // In "exit" mode nothing is written here: settle_step records interrupts and
                 // failures once the step's checkpoint is durable.
-                if let (Some(write), false) = (write, matches!(persist, Persist::Never)) {
-                    if let Persist::After(commit) = &persist {
-                        commit.clone().await.map_err(|e| Error::InvalidState(format!("commit failed: {e}")))?;
+                if !matches!(persist, Persist::Never) {
+                    let writes = result_writes(task, &result, persist_each)?;
+                    if !writes.is_empty() {
+                        if let Persist::After(commit) = &persist {
+                            commit.clone().await.map_err(|e| Error::InvalidState(format!("commit failed: {e}")))?;
+                        }
+                        store_call(|| self.graph.store.put_writes(step, &writes)).await?;
                     }
-                    let write = write?;
-                    store_call(|| self.graph.store.put_writes(step, std::slice::from_ref(&write))).await?;
                 }
                 Ok::<_, Error>((task.id.clone(), result))
             });
@@ -670,19 +779,28 @@ impl Loop<'_> {
     }
 
     /// Waits until workers have reported every remote task of the step.
-    async fn wait_remote(&self, remote: &[&Task], checkpoint: u64, results: &mut HashMap<String, TaskResult>) -> Result<()> {
+    async fn wait_remote(
+        &self,
+        remote: &[&Task],
+        checkpoint: u64,
+        results: &mut HashMap<String, TaskResult>,
+    ) -> Result<()> {
         let deadline = tokio::time::Instant::now() + self.config.remote_task_timeout;
         loop {
-            let pending = Pending::parse(store_call(|| self.graph.store.pending_writes(self.step_ref(checkpoint))).await?)?;
+            let pending =
+                Pending::parse(store_call(|| self.graph.store.pending_writes(self.step_ref(checkpoint))).await?)?;
             let mut missing = 0;
             for task in remote {
                 if let Some(output) = pending.outputs.get(&task.id) {
                     results.insert(task.id.clone(), TaskResult::Done(output.clone()));
                 } else if let Some((id, (_, rec))) = pending.interrupts.iter().find(|(_, (t, _))| t == &task.id) {
-                    if !pending.resumes.contains_key(id) {
-                        results.insert(task.id.clone(), TaskResult::Interrupted { index: rec.index, value: rec.value.clone() });
-                    } else {
+                    if pending.resumes.contains_key(id) {
                         missing += 1;
+                    } else {
+                        results.insert(
+                            task.id.clone(),
+                            TaskResult::Interrupted { index: rec.index, value: rec.value.clone() },
+                        );
                     }
                 } else {
                     missing += 1;
@@ -718,14 +836,16 @@ impl Loop<'_> {
         let interrupted: Vec<Interrupt> = tasks
             .iter()
             .filter_map(|t| match results.get(&t.id) {
-                Some(TaskResult::Interrupted { index, value }) => Some(Interrupt {
+                Some(TaskResult::Interrupted { index, value }) => Some(vec![Interrupt {
                     id: interrupt_id(&t.id, *index),
                     node: t.node.clone(),
                     value: value.clone(),
                     kind: InterruptKind::Node,
-                }),
+                }]),
+                Some(TaskResult::Suspended(list)) => Some(list.clone()),
                 _ => None,
             })
+            .flatten()
             .collect();
         if failed.is_none() && interrupted.is_empty() {
             return Ok(None);
@@ -736,21 +856,8 @@ impl Loop<'_> {
             let id = self.current.as_ref().map_or(0, |c| c.id);
             let mut writes = Vec::new();
             for t in tasks {
-                match results.get(&t.id) {
-                    Some(TaskResult::Done(output)) => writes.push(encode(t, WriteKind::Output, "", output)?),
-                    Some(TaskResult::Interrupted { index, value }) => writes.push(encode(
-                        t,
-                        WriteKind::Interrupt,
-                        &interrupt_id(&t.id, *index),
-                        &InterruptRecord { node: t.node.clone(), index: *index, value: value.clone() },
-                    )?),
-                    Some(TaskResult::Failed(e)) => writes.push(encode(
-                        t,
-                        WriteKind::Error,
-                        "",
-                        &ErrorRecord { node: t.node.clone(), message: e.to_string() },
-                    )?),
-                    None => {}
+                if let Some(result) = results.get(&t.id) {
+                    writes.extend(result_writes(t, result, true)?);
                 }
             }
             store_call(|| self.graph.store.put_writes(self.step_ref(id), &writes)).await?;
@@ -760,7 +867,9 @@ impl Loop<'_> {
                 Error::Node { node, attempts, message } => {
                     Error::Node { node: node.clone(), attempts: *attempts, message: message.clone() }
                 }
-                Error::InvalidUpdate { node, message } => Error::InvalidUpdate { node: node.clone(), message: message.clone() },
+                Error::InvalidUpdate { node, message } => {
+                    Error::InvalidUpdate { node: node.clone(), message: message.clone() }
+                }
                 other => Error::InvalidState(other.to_string()),
             });
         }
@@ -824,8 +933,7 @@ impl Loop<'_> {
             checkpoint.expected_head = previous.expected_head;
         }
         for blob in blobs {
-            let items: Vec<Value> =
-                if blob.base.is_some() { serde_json::from_slice(&blob.data)? } else { Vec::new() };
+            let items: Vec<Value> = if blob.base.is_some() { serde_json::from_slice(&blob.data)? } else { Vec::new() };
             let entry = self.exit.channels.remove(&blob.channel);
             let buffered = match (entry, blob.base) {
                 (Some(mut held), Some(_)) => {
@@ -852,13 +960,39 @@ impl Loop<'_> {
             let Some(version) = checkpoint.body.versions.get_mut(&channel) else { continue };
             let data = match held.base {
                 Some(_) => serde_json::to_vec(&held.items)?,
-                None => serde_json::to_vec(cur.values.get(&channel).map(AsRef::as_ref).unwrap_or(&Value::Null))?,
+                None => serde_json::to_vec(cur.values.get(&channel).map_or(&Value::Null, AsRef::as_ref))?,
             };
             *version = ChannelVersion { v: held.version, d: held.base.is_some() };
             blobs.push(ChannelBlob { channel, version: held.version, base: held.base, data });
         }
         self.commit_now(checkpoint, blobs).await
     }
+}
+
+/// The pending writes that record how a task ended: its output (when `output` is asked for:
+/// steps of several tasks), its interrupts, or its failure.
+fn result_writes(task: &Task, result: &TaskResult, output: bool) -> Result<Vec<PendingWrite>> {
+    Ok(match result {
+        TaskResult::Done(out) if output => vec![encode(task, WriteKind::Output, "", out)?],
+        TaskResult::Done(_) => Vec::new(),
+        TaskResult::Interrupted { index, value } => vec![encode(
+            task,
+            WriteKind::Interrupt,
+            &interrupt_id(&task.id, *index),
+            &InterruptRecord { node: task.node.clone(), index: *index, value: value.clone() },
+        )?],
+        TaskResult::Suspended(list) => list
+            .iter()
+            .enumerate()
+            .map(|(index, i)| {
+                let record = InterruptRecord { node: i.node.clone(), index, value: i.value.clone() };
+                encode(task, WriteKind::Interrupt, &i.id, &record)
+            })
+            .collect::<Result<_>>()?,
+        TaskResult::Failed(e) => {
+            vec![encode(task, WriteKind::Error, "", &ErrorRecord { node: task.node.clone(), message: e.to_string() })?]
+        }
+    })
 }
 
 fn encode<T: Serialize>(task: &Task, kind: WriteKind, key: &str, value: &T) -> Result<PendingWrite> {

@@ -9,7 +9,7 @@ use backon::{ExponentialBuilder, Retryable};
 use crate::error::Result;
 
 /// How long the engine keeps retrying a store that is unreachable before giving up.
-pub(crate) const STORE_OUTAGE_BUDGET: Duration = Duration::from_secs(60);
+pub(crate) const STORE_OUTAGE_BUDGET: Duration = Duration::from_mins(1);
 
 fn store_backoff() -> ExponentialBuilder {
     ExponentialBuilder::default()

@@ -16,7 +16,12 @@ use crate::state::State;
 /// How a task ended.
 pub(crate) enum TaskResult {
     Done(TaskOutput),
-    Interrupted { index: usize, value: Value },
+    Interrupted {
+        index: usize,
+        value: Value,
+    },
+    /// A subgraph stopped at these interrupts (ids from the subgraph's own tasks).
+    Suspended(Vec<crate::pregel::Interrupt>),
     Failed(Error),
 }
 
@@ -30,7 +35,13 @@ fn backoff(policy: &RetryPolicy) -> ExponentialBuilder {
 }
 
 /// Runs a task to its end (after retries).
-pub(crate) async fn run_task(graph: &GraphInner, spec: &NodeSpec, task: &Task, state: State, ctx: Context) -> TaskResult {
+pub(crate) async fn run_task(
+    graph: &GraphInner,
+    spec: &NodeSpec,
+    task: &Task,
+    state: State,
+    ctx: Context,
+) -> TaskResult {
     let attempts = AtomicUsize::new(0);
     let node = Arc::clone(&spec.node);
     let attempt = || {
@@ -49,7 +60,9 @@ pub(crate) async fn run_task(graph: &GraphInner, spec: &NodeSpec, task: &Task, s
             });
             match handle.await {
                 Ok(result) => result,
-                Err(join) if join.is_panic() => Err(NodeError::fatal(format!("node panicked: {}", panic_message(join)))),
+                Err(join) if join.is_panic() => {
+                    Err(NodeError::fatal(format!("node panicked: {}", panic_message(join))))
+                }
                 Err(join) => Err(NodeError::fatal(format!("node task cancelled: {join}"))),
             }
         }

@@ -112,7 +112,8 @@ impl Update {
 
     /// Writes a serialisable value to `channel`.
     pub fn set_typed<T: Serialize>(self, channel: impl Into<String>, value: &T) -> Result<Self, NodeError> {
-        let value = serde_json::to_value(value).map_err(|e| NodeError::fatal(format!("update not serializable: {e}")))?;
+        let value =
+            serde_json::to_value(value).map_err(|e| NodeError::fatal(format!("update not serializable: {e}")))?;
         Ok(self.set(channel, value))
     }
 

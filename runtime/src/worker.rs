@@ -105,12 +105,20 @@ impl Graph {
         let values = head.values.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
         let result = runner::run_task(&self.inner, spec, &task, State::new(values), ctx).await;
         let (kind, key, data, report) = match result {
-            TaskResult::Done(output) => (WriteKind::Output, String::new(), serde_json::to_vec(&output)?, TaskReport::Accepted),
+            TaskResult::Done(output) => {
+                (WriteKind::Output, String::new(), serde_json::to_vec(&output)?, TaskReport::Accepted)
+            }
             TaskResult::Interrupted { index, value } => {
                 let id = interrupt_id(&task.id, index);
                 let data = serde_json::to_vec(&serde_json::json!({"node": task.node, "index": index, "value": value}))?;
                 let interrupt = Interrupt { id: id.clone(), node: task.node.clone(), value, kind: InterruptKind::Node };
                 (WriteKind::Interrupt, id, data, TaskReport::Interrupted(interrupt))
+            }
+            TaskResult::Suspended(_) => {
+                return Err(Error::InvalidState(format!(
+                    "node `{}` is a subgraph; it runs in its parent's loop",
+                    task.node
+                )));
             }
             TaskResult::Failed(error) => {
                 let data = serde_json::to_vec(&serde_json::json!({"node": task.node, "message": error.to_string()}))?;

@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 
 fn start(values: Value) -> Input {
     let mut update = Update::new();
-    for (k, v) in values.as_object().cloned().unwrap_or_default() {
+    let Value::Object(values) = values else { panic!("start takes an object") };
+    for (k, v) in values {
         update = update.set(k, v);
     }
     Input::Start(update)
@@ -356,7 +357,11 @@ async fn retries_back_off_and_stop_on_fatal_errors() {
                 let counter = Arc::clone(&counter);
                 async move {
                     counter.fetch_add(1, Ordering::SeqCst);
-                    if ctx.attempt() < 3 { Err(NodeError::from("transient")) } else { Ok(Update::new().set("ok", true)) }
+                    if ctx.attempt() < 3 {
+                        Err(NodeError::from("transient"))
+                    } else {
+                        Ok(Update::new().set("ok", true))
+                    }
                 }
             }),
         )
@@ -400,7 +405,7 @@ async fn a_node_that_overruns_its_timeout_fails_and_a_panic_is_an_error() {
         .node(
             "slow",
             node_fn(|_, _| async {
-                tokio::time::sleep(Duration::from_secs(60)).await;
+                tokio::time::sleep(Duration::from_mins(1)).await;
                 Ok(Update::new())
             }),
         )
@@ -416,10 +421,8 @@ async fn a_node_that_overruns_its_timeout_fails_and_a_panic_is_an_error() {
         .channel("x", Channel::last_value())
         .node(
             "p",
-            node_fn(|_, _| async {
-                if true {
-                    panic!("boom");
-                }
+            node_fn(|state, _| async move {
+                assert!(state.value("x").is_some(), "boom");
                 Ok(Update::new())
             }),
         )
@@ -596,4 +599,76 @@ async fn prune_keeps_the_newest_checkpoints_and_their_values() {
     assert_eq!(snapshot.values.get::<Vec<String>>("log").unwrap(), ["a", "b", "c"]);
     graph.delete_thread("t").await.unwrap();
     assert!(graph.get_state("t").await.unwrap().is_none());
+}
+
+fn child_graph(first_runs: Arc<AtomicUsize>, ask: bool) -> Graph {
+    GraphBuilder::new("child")
+        .channel("log", Channel::append())
+        .channel("total", Channel::sum())
+        .channel("answer", Channel::last_value())
+        .node(
+            "c1",
+            node_fn(move |_, _| {
+                let first_runs = Arc::clone(&first_runs);
+                async move {
+                    first_runs.fetch_add(1, Ordering::SeqCst);
+                    Ok(Update::new().set("log", "c1").set("total", 5))
+                }
+            }),
+        )
+        .node(
+            "c2",
+            node_fn(move |_, ctx| async move {
+                let answer = if ask { ctx.interrupt(json!("child asks"))? } else { json!("none") };
+                Ok(Update::new().set("log", "c2").set("answer", answer))
+            }),
+        )
+        .edge(START, "c1")
+        .edge("c1", "c2")
+        .edge("c2", END)
+        .compile()
+        .unwrap()
+}
+
+fn parent_graph(child: Graph) -> Graph {
+    GraphBuilder::new("parent")
+        .channel("log", Channel::append())
+        .channel("total", Channel::sum())
+        .channel("answer", Channel::last_value())
+        .node("before", node_fn(|_, _| async { Ok(Update::new().set("log", "before").set("total", 1)) }))
+        .subgraph("child", child)
+        .node("after", node_fn(|_, _| async { Ok(Update::new().set("log", "after")) }))
+        .edge(START, "before")
+        .edge("before", "child")
+        .edge("child", "after")
+        .edge("after", END)
+        .compile()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_subgraph_runs_as_a_node_and_writes_back_only_what_it_changed() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let graph = parent_graph(child_graph(Arc::clone(&runs), false));
+    let state = done(&graph, "t", start(json!({}))).await;
+    assert_eq!(state["log"], json!(["before", "c1", "c2", "after"]));
+    assert_eq!(state["total"], json!(6));
+    assert_eq!(state["answer"], json!("none"));
+}
+
+#[tokio::test]
+async fn an_interrupt_inside_a_subgraph_surfaces_and_resumes_where_it_stopped() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let graph = parent_graph(child_graph(Arc::clone(&runs), true));
+    let outcome = graph.invoke("t", start(json!({})), &cfg()).await.unwrap();
+    let interrupts = outcome.interrupts().to_vec();
+    assert_eq!(interrupts.len(), 1);
+    assert_eq!(interrupts[0].node, "c2");
+    assert_eq!(interrupts[0].value, json!("child asks"));
+    assert_eq!(graph.get_state("t").await.unwrap().unwrap().interrupts[0].id, interrupts[0].id);
+    let state = done(&graph, "t", Input::Resume(Resume::Value(json!("yes")))).await;
+    assert_eq!(state["answer"], json!("yes"));
+    assert_eq!(state["log"], json!(["before", "c1", "c2", "after"]));
+    assert_eq!(state["total"], json!(6));
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the subgraph restarted instead of resuming");
 }

@@ -4,9 +4,8 @@
 use serde_json::Value;
 
 use super::Reduced;
-use crate::error::Result;
 
-pub(super) fn reduce(current: Option<Value>, writes: Vec<Value>) -> Result<Reduced> {
+pub(super) fn reduce(current: Option<Value>, writes: Vec<Value>) -> Reduced {
     let mut items = Vec::with_capacity(writes.len());
     for write in writes {
         match write {
@@ -20,5 +19,5 @@ pub(super) fn reduce(current: Option<Value>, writes: Vec<Value>) -> Result<Reduc
         Some(other) => vec![other],
     };
     value.extend(items.iter().cloned());
-    Ok(Reduced::Appended { value: Value::Array(value), items })
+    Reduced::Appended { value: Value::Array(value), items }
 }

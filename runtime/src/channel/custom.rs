@@ -37,7 +37,12 @@ where
     FnReducer { name: name.to_owned(), f }
 }
 
-pub(super) fn reduce(reducer: &dyn CustomReducer, name: &str, current: Option<Value>, writes: Vec<Value>) -> Result<Value> {
+pub(super) fn reduce(
+    reducer: &dyn CustomReducer,
+    name: &str,
+    current: Option<Value>,
+    writes: Vec<Value>,
+) -> Result<Value> {
     let mut value = current;
     for write in writes {
         value = Some(reducer.reduce(value.as_ref(), write).map_err(|message| Error::channel(name, message))?);

@@ -125,7 +125,7 @@ impl Channel {
         match &self.kind {
             ChannelKind::LastValue => last_value::reduce(name, writes).map(Reduced::Replaced),
             ChannelKind::Ephemeral => ephemeral::reduce(name, writes).map(Reduced::Replaced),
-            ChannelKind::Append => append::reduce(current, writes),
+            ChannelKind::Append => Ok(append::reduce(current, writes)),
             ChannelKind::Merge => merge::reduce(name, current, writes).map(Reduced::Replaced),
             ChannelKind::Sum => sum::reduce(name, current, writes).map(Reduced::Replaced),
             ChannelKind::Custom(reducer) => {
@@ -154,8 +154,7 @@ mod tests {
 
     #[test]
     fn append_extends_lists_and_pushes_items_and_reports_only_new_items() {
-        let reduced =
-            Channel::append().reduce("log", Some(json!(["a"])), vec![json!("b"), json!(["c", "d"])]).unwrap();
+        let reduced = Channel::append().reduce("log", Some(json!(["a"])), vec![json!("b"), json!(["c", "d"])]).unwrap();
         assert_eq!(
             reduced,
             Reduced::Appended { value: json!(["a", "b", "c", "d"]), items: vec![json!("b"), json!("c"), json!("d")] }

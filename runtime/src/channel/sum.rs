@@ -15,10 +15,10 @@ pub(super) fn reduce(name: &str, current: Option<Value>, writes: Vec<Value>) -> 
 }
 
 fn add(a: &Value, b: &Value) -> Option<Value> {
-    if let (Some(x), Some(y)) = (a.as_i64(), b.as_i64()) {
-        if let Some(sum) = x.checked_add(y) {
-            return Some(Value::from(sum));
-        }
+    if let (Some(x), Some(y)) = (a.as_i64(), b.as_i64())
+        && let Some(sum) = x.checked_add(y)
+    {
+        return Some(Value::from(sum));
     }
     let sum = a.as_f64()? + b.as_f64()?;
     serde_json::Number::from_f64(sum).map(Value::Number)
