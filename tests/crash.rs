@@ -1,0 +1,96 @@
+//! Crash test: the probe graph (fan-out, join, five reducers) runs on PostgreSQL in a real
+//! process that is SIGKILLed at seeded random moments and restarted on the same thread. The
+//! final state must equal an uninterrupted run's, every reducer write must apply exactly once,
+//! and the executions table must show that no task of a committed step ran again.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use std::time::Duration;
+
+use agentic::probe;
+use rand::{RngExt, SeedableRng};
+use serde_json::Value;
+use support::{TestDb, finish, probe as probe_cmd, sigkill};
+
+/// Kills per run; at least 50 in CI.
+const KILLS: usize = 60;
+const ROUNDS: u64 = 20;
+const WIDTH: u64 = 4;
+const SHAPE: [&str; 6] = ["--rounds", "20", "--width", "4", "--max-pause-ms", "40"];
+
+async fn executions(db: &TestDb) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM probe_executions WHERE thread = 'crashed'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or(0)
+}
+
+fn child_finished(child: &mut tokio::process::Child) -> bool {
+    !matches!(child.try_wait(), Ok(None))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumes_after_sigkill_without_losing_or_repeating_writes() {
+    let seed: u64 = std::env::var("CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let db = TestDb::new("crash").await;
+
+    // The reference: one uninterrupted run.
+    let reference = probe_cmd(&db, "reference", &[&SHAPE[..], &["run"]].concat()).spawn().unwrap();
+    let (ok, out, err) = finish(reference, Duration::from_mins(2)).await;
+    assert!(ok, "reference run failed: {err}");
+    let expected: Value = serde_json::from_str(out.trim()).unwrap();
+
+    let mut kills = 0;
+    let mut restarts = 0;
+    let final_state = loop {
+        restarts += 1;
+        let mut child = probe_cmd(&db, "crashed", &[&SHAPE[..], &["run"]].concat()).spawn().unwrap();
+        if kills < KILLS {
+            // Kill at a random moment after the restarted process has begun a node, so every
+            // kill lands inside the run: mid-node, between a task's writes and the step's
+            // commit, or mid-commit.
+            let before = executions(&db).await;
+            let mut finished_early = false;
+            while executions(&db).await == before {
+                if child_finished(&mut child) {
+                    finished_early = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            if !finished_early {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(0..40))).await;
+            }
+            sigkill(&child);
+            let (ok, out, err) = finish(child, Duration::from_mins(1)).await;
+            if ok {
+                // It finished before the kill landed: that is the end.
+                break serde_json::from_str::<Value>(out.trim()).unwrap();
+            }
+            assert!(!err.contains("panicked"), "probe panicked: {err}");
+            kills += 1;
+        } else {
+            let (ok, out, err) = finish(child, Duration::from_mins(2)).await;
+            assert!(ok, "final run failed: {err}");
+            break serde_json::from_str::<Value>(out.trim()).unwrap();
+        }
+    };
+    assert!(kills >= 50, "only {kills} kills landed (seed {seed}); the probe finished too early");
+    assert_eq!(probe::normalized(&final_state), probe::normalized(&expected), "seed {seed}");
+    // Every reducer applied each write once.
+    assert_eq!(final_state["round"], Value::from(ROUNDS));
+    let total: u64 = (1..=ROUNDS).flat_map(|r| (0..WIDTH).map(move |i| r * 100 + i)).sum();
+    assert_eq!(final_state["total"], Value::from(total));
+    assert_eq!(final_state["seen"].as_object().unwrap().len() as u64, ROUNDS * WIDTH);
+
+    let audit = probe::audit(&db.pool, "crashed", &final_state).await.unwrap();
+    assert!(audit.problems.is_empty(), "seed {seed}: {:?}", audit.problems);
+    assert_eq!(audit.tasks as u64, ROUNDS * (1 + WIDTH + 1));
+    eprintln!(
+        "seed {seed}: {kills} kills, {restarts} starts, {} executions for {} tasks ({} lost to kills)",
+        audit.executions, audit.tasks, audit.lost_executions
+    );
+    db.drop_db().await;
+}
