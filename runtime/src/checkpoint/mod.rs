@@ -95,6 +95,12 @@ impl Lease {
         }
     }
 
+    /// A copy carrying only the fencing token (thread, owner, epoch), for a commit queued to
+    /// another task; dropping it releases nothing.
+    pub(crate) fn fencing_copy(&self) -> Lease {
+        Lease::new(&self.thread, &self.owner, self.epoch, 0, None)
+    }
+
     /// Allocates the id of the next checkpoint on this thread.
     pub fn next_checkpoint_id(&self) -> u64 {
         self.next_seq.fetch_add(1, Ordering::Relaxed)

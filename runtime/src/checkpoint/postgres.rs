@@ -15,13 +15,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
-use std::sync::{LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, Postgres};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{
     ChannelRows, CheckpointMeta, CheckpointRow, Checkpointer, GraphIdentity, Lease, LeaseRequest, ListFilter, MetaRow,
@@ -56,6 +57,49 @@ pub struct PostgresCheckpointer {
     pool: PgPool,
     /// Connections that hold leases, one per lease; unlocked when returned.
     leases: PgPool,
+    /// The group committer's queue; `None` inside the committer itself.
+    committer: Option<mpsc::UnboundedSender<CommitJob>>,
+}
+
+/// How many batches may be in flight at once: while one waits for its WAL flush, the next
+/// gathers the commits that arrive meanwhile.
+const COMMITTERS: usize = 2;
+/// Largest number of commits one statement carries.
+const MAX_BATCH: usize = 256;
+
+/// A commit waiting for the group committer.
+struct CommitJob {
+    lease: Lease,
+    commit: StepCommit,
+    reply: oneshot::Sender<Result<()>>,
+}
+
+/// Group commit: commits from every runner of this checkpointer queue here, and each committer
+/// takes all that are waiting into one statement (one round trip, one WAL flush for all). A
+/// runner still learns that its step is done only once its commit is durable.
+async fn group_commits(store: PostgresCheckpointer, queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<CommitJob>>>) {
+    loop {
+        let mut jobs = Vec::new();
+        {
+            let mut queue = queue.lock().await;
+            match queue.recv().await {
+                Some(job) => jobs.push(job),
+                None => return,
+            }
+            while jobs.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        let batch: Vec<(&Lease, &StepCommit)> = jobs.iter().map(|j| (&j.lease, &j.commit)).collect();
+        let results = store.commit_batch(&batch).await;
+        drop(batch);
+        for (job, result) in jobs.into_iter().zip(results) {
+            let _ = job.reply.send(result);
+        }
+    }
 }
 
 impl std::fmt::Debug for PostgresCheckpointer {
@@ -343,7 +387,13 @@ impl PostgresCheckpointer {
             .test_before_acquire(false)
             .after_release(|conn, _| Box::pin(unlock_all(conn)))
             .connect_lazy_with(lease_options);
-        Ok(PostgresCheckpointer { pool, leases })
+        let direct = PostgresCheckpointer { pool, leases, committer: None };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..COMMITTERS {
+            tokio::spawn(group_commits(direct.clone(), Arc::clone(&queue)));
+        }
+        Ok(PostgresCheckpointer { committer: Some(tx), ..direct })
     }
 
     /// The connection pool.
@@ -719,6 +769,16 @@ impl Checkpointer for PostgresCheckpointer {
     }
 
     async fn commit(&self, lease: &Lease, commit: &StepCommit) -> Result<()> {
+        if let Some(committer) = &self.committer {
+            let (reply, answer) = oneshot::channel();
+            let job = CommitJob { lease: lease.fencing_copy(), commit: commit.clone(), reply };
+            if committer.send(job).is_ok()
+                && let Ok(result) = answer.await
+            {
+                return result;
+            }
+            // The committer is gone (its runtime shut down): commit directly.
+        }
         self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()))
     }
 
