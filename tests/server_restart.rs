@@ -25,7 +25,8 @@ struct PrivateServer {
 
 impl PrivateServer {
     fn start() -> PrivateServer {
-        let version = std::fs::read_dir("/usr/lib/postgresql").expect("PostgreSQL server binaries").next().unwrap().unwrap();
+        let version =
+            std::fs::read_dir("/usr/lib/postgresql").expect("PostgreSQL server binaries").next().unwrap().unwrap();
         let bin = version.path().join("bin");
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("agentic-pg-{}-{port}", std::process::id()));
@@ -33,7 +34,10 @@ impl PrivateServer {
         let chown = Command::new("chown").arg("postgres").arg(&dir).status().unwrap();
         assert!(chown.success(), "chown of {} failed", dir.display());
         let data = dir.join("data");
-        run_as_postgres(&bin.join("initdb"), &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"]);
+        run_as_postgres(
+            &bin.join("initdb"),
+            &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"],
+        );
         let server = PrivateServer { dir, bin, port };
         server.pg_ctl(&["start", "-w"]);
         server

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use agentic_runtime::checkpoint::{ListFilter, MemoryCheckpointer, PostgresCheckpointer, SqliteCheckpointer};
 use agentic_runtime::{
-    Channel, Durability, END, Goto, Graph, GraphBuilder, Input, NodeError, RunConfig, START, SharedCheckpointer, Update,
-    node_fn,
+    Channel, Durability, END, Goto, Graph, GraphBuilder, Input, NodeError, RunConfig, START, SharedCheckpointer,
+    Update, node_fn,
 };
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -317,6 +317,7 @@ impl StepClock {
 /// A fresh 1 KiB string: 512 pseudo-random bytes, hex-encoded (as the LangGraph script's
 /// `os.urandom(512).hex()`), from a keyed BLAKE3 stream so every call differs.
 fn fresh_blob() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     static SEED: LazyLock<[u8; 32]> = LazyLock::new(|| {
         let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         *blake3::hash(format!("{}:{nanos}", std::process::id()).as_bytes()).as_bytes()
@@ -325,7 +326,6 @@ fn fresh_blob() -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut bytes = [0u8; BLOB_BYTES];
     blake3::Hasher::new_keyed(&SEED).update(&n.to_le_bytes()).finalize_xof().fill(&mut bytes);
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(BLOB_BYTES * 2);
     for b in bytes {
         out.push(char::from(HEX[usize::from(b >> 4)]));
@@ -541,7 +541,7 @@ impl Bench {
             let figures = self.run_load(shape, &store, args.threads, args.secs, rep).await?;
             drop(store);
             let wal = self.wal_since(before).await?;
-            let mut line = self.rep_line(shape, args.threads, rep, &figures, wal, context);
+            let mut line = self.rep_line(shape, args.threads, rep, &figures, wal, &context);
             line["nodes_per_invoke_measured"] = json!(nodes_per_invoke);
             line["checkpoints_per_invoke"] = json!(checkpoints_per_invoke);
             let cps = line["invokes_per_s"].as_f64().unwrap_or(0.0) * checkpoints_per_invoke as f64;
@@ -600,7 +600,8 @@ impl Bench {
                 Ok::<_, agentic_runtime::Error>((i, nodes, intervals_ns, invoke_ns))
             }));
         }
-        let mut figures = RepFigures { secs: 0.0, invokes: 0, nodes: 0, intervals_ns: Vec::new(), invoke_ns: Vec::new() };
+        let mut figures =
+            RepFigures { secs: 0.0, invokes: 0, nodes: 0, intervals_ns: Vec::new(), invoke_ns: Vec::new() };
         for handle in handles {
             let (invokes, nodes, intervals, invoke_ns) = handle.await??;
             figures.invokes += invokes;
@@ -619,7 +620,7 @@ impl Bench {
         rep: usize,
         f: &RepFigures,
         wal: Option<WalDelta>,
-        context: Value,
+        context: &Value,
     ) -> Value {
         let mut intervals = f.intervals_ns.clone();
         let mut invokes = f.invoke_ns.clone();
@@ -710,7 +711,8 @@ impl Bench {
         let load_long = time_ms(n, || async { store.load(&long, "", None).await.map(drop) }).await?;
         let get_state_long = time_ms(n, || async { chain.get_state(&long).await.map(drop) }).await?;
         let continue_long =
-            time_ms(n, || async { one.invoke(&long, Input::Start(chain_input()), &one_config).await.map(drop) }).await?;
+            time_ms(n, || async { one.invoke(&long, Input::Start(chain_input()), &one_config).await.map(drop) })
+                .await?;
         let fresh = AtomicU64::new(0);
         let continue_fresh = time_ms(n, || async {
             let thread = format!("{}-fresh-{}", self.prefix, fresh.fetch_add(1, Ordering::Relaxed));
@@ -761,7 +763,10 @@ impl Bench {
                 drop(graph);
                 let pg = self.pg.as_mut().context("postgres backend without a connection")?;
                 pg.wait_idle().await?;
-                (pg.table_sizes().await?, "rows_bytes: sum(pg_column_size(row)); stored_bytes: pg_total_relation_size (heap, TOAST, indexes, free-space and visibility maps); tables truncated before the run, so they hold this thread only")
+                (
+                    pg.table_sizes().await?,
+                    "rows_bytes: sum(pg_column_size(row)); stored_bytes: pg_total_relation_size (heap, TOAST, indexes, free-space and visibility maps); tables truncated before the run, so they hold this thread only",
+                )
             }
             Backend::Sqlite => {
                 let store = self.sqlite("storage").await?;
@@ -771,7 +776,10 @@ impl Bench {
                     graph.invoke(&thread, Input::Start(chain_input()), &config).await?;
                 }
                 drop(graph);
-                (sqlite_table_sizes(&pool).await?, "rows_bytes: sum of dbstat payload; stored_bytes: sum of dbstat page sizes (table and its indexes), WAL checkpointed first")
+                (
+                    sqlite_table_sizes(&pool).await?,
+                    "rows_bytes: sum of dbstat payload; stored_bytes: sum of dbstat page sizes (table and its indexes), WAL checkpointed first",
+                )
             }
             Backend::Memory => bail!("storage is measured on postgres or sqlite"),
         };
@@ -800,8 +808,8 @@ impl Bench {
         Ok(())
     }
 
-    /// `rss`: VmRSS idle after setup (store connected, graphs built), then the peak (VmHWM,
-    /// reset first through /proc/self/clear_refs) during a run of `threads` threads.
+    /// `rss`: `VmRSS` idle after setup (store connected, graphs built), then the peak (`VmHWM`,
+    /// reset first through `/proc/self/clear_refs`) during a run of `threads` threads.
     async fn rss(&mut self, args: RssArgs) -> anyhow::Result<()> {
         let store = self.store("rss").await?;
         let idle = proc_status_kib("VmRSS");
@@ -878,7 +886,7 @@ impl Bench {
             let log = std::mem::take(&mut *STATEMENT_LOG.lock().unwrap_or_else(PoisonError::into_inner));
             let steps = counted.nodes.max(1) as f64;
             let mut rows: Vec<(String, u64, f64)> = log.into_iter().map(|(k, (n, secs))| (k, n, secs)).collect();
-            rows.sort_by(|a, b| b.1.cmp(&a.1));
+            rows.sort_by_key(|r| std::cmp::Reverse(r.1));
             let total: u64 = rows.iter().map(|r| r.1).sum();
             json!({
                 "source": "sqlx statement log (client side): one entry per statement executed, i.e. one round trip once the statement is prepared",
@@ -1125,9 +1133,13 @@ impl Pg {
             Ok(conn) => conn,
             Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
                 eprintln!("[agentic-bench] creating database {database}");
-                let mut server = options.clone().database("postgres").connect().await.context("connecting to PostgreSQL")?;
+                let mut server =
+                    options.clone().database("postgres").connect().await.context("connecting to PostgreSQL")?;
                 let create = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
-                sqlx::raw_sql(sqlx::AssertSqlSafe(create)).execute(&mut server).await.context("creating the database")?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(create))
+                    .execute(&mut server)
+                    .await
+                    .context("creating the database")?;
                 let _ = server.close().await;
                 options.connect().await.context("connecting to the benchmark database")?
             }
@@ -1152,14 +1164,17 @@ impl Pg {
                     pg.switched_timing = pg.wal_timing;
                     eprintln!("[agentic-bench] track_wal_io_timing switched on for this run");
                 }
-                Err(e) => eprintln!("[agentic-bench] track_wal_io_timing is off and could not be enabled ({e}): no fsync times"),
+                Err(e) => eprintln!(
+                    "[agentic-bench] track_wal_io_timing is off and could not be enabled ({e}): no fsync times"
+                ),
             }
         }
         Ok(pg)
     }
 
     async fn timing_on(&mut self) -> anyhow::Result<bool> {
-        let on: String = sqlx::query_scalar("SELECT current_setting('track_wal_io_timing')").fetch_one(&mut self.admin).await?;
+        let on: String =
+            sqlx::query_scalar("SELECT current_setting('track_wal_io_timing')").fetch_one(&mut self.admin).await?;
         Ok(on == "on")
     }
 
@@ -1175,7 +1190,10 @@ impl Pg {
     /// Empties the runtime's tables, in databases named `bench*` only.
     async fn truncate(&mut self) -> anyhow::Result<()> {
         if !self.database.starts_with("bench") {
-            eprintln!("[agentic-bench] not truncating database {} (its name does not start with `bench`)", self.database);
+            eprintln!(
+                "[agentic-bench] not truncating database {} (its name does not start with `bench`)",
+                self.database
+            );
             return Ok(());
         }
         let tables: Option<String> = sqlx::query_scalar(
@@ -1244,7 +1262,10 @@ impl Pg {
             )))
             .fetch_one(&mut self.admin)
             .await?;
-            sizes.insert(name, TableSize { rows: rows as u64, rows_bytes: rows_bytes as u64, stored_bytes: stored as u64 });
+            sizes.insert(
+                name,
+                TableSize { rows: rows as u64, rows_bytes: rows_bytes as u64, stored_bytes: stored as u64 },
+            );
         }
         Ok(sizes)
     }

@@ -77,7 +77,10 @@ struct CommitJob {
 /// Group commit: commits from every runner of this checkpointer queue here, and each committer
 /// takes all that are waiting into one statement (one round trip, one WAL flush for all). A
 /// runner still learns that its step is done only once its commit is durable.
-async fn group_commits(store: PostgresCheckpointer, queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<CommitJob>>>) {
+async fn group_commits(
+    store: PostgresCheckpointer,
+    queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<CommitJob>>>,
+) {
     loop {
         let mut jobs = Vec::new();
         {

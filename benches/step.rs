@@ -1,0 +1,114 @@
+//! Criterion: the engine's own cost per super-step, on the memory store (no I/O), and how it
+//! depends on the size of the state a step does not touch (100 B, 10 KiB, 1 MiB): a step should
+//! never copy state it does not change.
+//!
+//! - `step_memory/invoke_one_node`: a whole invoke of a one-node graph on a fresh thread (lease,
+//!   load, admission checkpoint, the node, its checkpoint).
+//! - `step_memory/loop/<size>`: one node looping 100 super-steps per invoke on a thread whose
+//!   state also holds an untouched string of `<size>`; throughput is in steps, so criterion's
+//!   time per element is the time per step.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentic_runtime::{
+    Channel, END, Goto, Graph, GraphBuilder, Input, MemoryCheckpointer, RunConfig, START, Update, node_fn,
+};
+use criterion::{BenchmarkId, Criterion, Throughput};
+
+/// Super-steps per invoke in the loop benchmark.
+const LOOP_STEPS: u64 = 100;
+/// State sizes besides the looping counter.
+const SIZES: [(&str, usize); 3] = [("100B", 100), ("10KiB", 10 * 1024), ("1MiB", 1024 * 1024)];
+
+fn fail<T, E: std::fmt::Display>(result: Result<T, E>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(e) => panic!("benchmark setup failed: {e}"),
+    }
+}
+
+fn one_node() -> agentic_runtime::Result<Graph> {
+    GraphBuilder::new("bench-one-node")
+        .channel("n", Channel::sum())
+        .node("tick", node_fn(|_, _| async { Ok(Update::new().set("n", 1)) }))
+        .edge(START, "tick")
+        .edge("tick", END)
+        .compile()
+}
+
+/// `tick` adds one to `n` and loops to itself until `n` is a multiple of [`LOOP_STEPS`].
+fn looping() -> agentic_runtime::Result<Graph> {
+    GraphBuilder::new("bench-loop")
+        .channel("n", Channel::sum())
+        .channel("payload", Channel::last_value())
+        .node("tick", node_fn(|_, _| async { Ok(Update::new().set("n", 1)) }))
+        .conditional(
+            "tick",
+            |state| {
+                let n: u64 = state.get("n")?;
+                Ok(vec![Goto::node(if n.is_multiple_of(LOOP_STEPS) { END } else { "tick" })])
+            },
+            ["tick", END],
+        )
+        .edge(START, "tick")
+        .compile()
+}
+
+fn bench_steps(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    let mut group = c.benchmark_group("step_memory");
+    group.measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+
+    let graph = fail(one_node()).with_checkpointer(Arc::new(MemoryCheckpointer::new()));
+    let config = RunConfig::default();
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("invoke_one_node", |b| {
+        let mut n = 0u64;
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    n += 1;
+                    let thread = format!("one-{n}");
+                    let t = Instant::now();
+                    fail(graph.invoke(&thread, Input::Start(Update::new()), &config).await);
+                    total += t.elapsed();
+                    fail(graph.delete_thread(&thread).await);
+                }
+                total
+            })
+        });
+    });
+
+    let config = RunConfig { recursion_limit: LOOP_STEPS + 5, ..RunConfig::default() };
+    group.throughput(Throughput::Elements(LOOP_STEPS));
+    for (label, size) in SIZES {
+        let graph = fail(looping()).with_checkpointer(Arc::new(MemoryCheckpointer::new()));
+        let thread = format!("loop-{label}");
+        let payload = "x".repeat(size);
+        fail(rt.block_on(graph.invoke(&thread, Input::Start(Update::new().set("payload", payload)), &config)));
+        group.bench_with_input(BenchmarkId::new("loop", label), &size, |b, _| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let t = Instant::now();
+                        fail(graph.invoke(&thread, Input::Start(Update::new()), &config).await);
+                        total += t.elapsed();
+                        // Untimed: keeps the store's size constant across iterations.
+                        fail(graph.prune(&thread, 1).await);
+                    }
+                    total
+                })
+            });
+        });
+    }
+    group.finish();
+}
+
+fn main() {
+    let rt = fail(tokio::runtime::Builder::new_multi_thread().enable_all().build());
+    let mut c = Criterion::default().configure_from_args();
+    bench_steps(&mut c, &rt);
+    c.final_summary();
+}
