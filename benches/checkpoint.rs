@@ -40,7 +40,7 @@ fn state_bytes(size: usize) -> Vec<u8> {
     let mut hex: String =
         raw.iter().flat_map(|b| [HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]).map(char::from).collect();
     hex.truncate(size.saturating_sub(2));
-    fail(serde_json::to_vec(&Value::String(hex)))
+    fail(agentic_runtime::checkpoint::codec::encode(&Value::String(hex)))
 }
 
 /// Connects to PostgreSQL, creating the database if it is missing; `None` (with a note) when the
@@ -117,7 +117,7 @@ impl Writer {
                 expected_head: self.head,
                 step: self.step,
                 source: Source::Loop,
-                body: CheckpointBody { versions, ..CheckpointBody::default() },
+                body: std::sync::Arc::new(CheckpointBody { versions, ..CheckpointBody::default() }),
                 metadata: json!({"source": "loop", "step": self.step}),
             },
             blobs: vec![ChannelBlob { channel: "state".to_owned(), version: id, base: None, data: data.to_vec() }],

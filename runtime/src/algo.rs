@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::channel::{ChannelKind, Reduced};
-use crate::checkpoint::{ChannelBlob, ChannelVersion, CheckpointBody, PendingTask};
+use crate::checkpoint::{ChannelBlob, ChannelVersion, CheckpointBody, PendingTask, codec};
 use crate::error::{Error, Result};
 use crate::graph::{END, GraphInner, START};
 use crate::state::{Goto, State, Update, Values};
@@ -120,12 +120,29 @@ pub(crate) fn finish_task(graph: &GraphInner, node: &str, snapshot: &State, upda
         }
     }
     let output = TaskOutput { writes: update.writes, goto };
-    let size =
-        serde_json::to_vec(&output.writes).map(|v| v.len()).map_err(|e| invalid(format!("not serializable: {e}")))?;
-    if size > graph.max_update_bytes {
-        return Err(invalid(format!("update is {size} bytes, over the limit of {} bytes", graph.max_update_bytes)));
+    // Serialising the update just to measure it would cost as much as storing it: only when a
+    // cheap upper bound passes the limit is the exact size computed.
+    let bound: usize = output.writes.iter().map(|(c, v)| c.len() + 4 + size_bound(v)).sum();
+    if bound > graph.max_update_bytes {
+        let size = serde_json::to_vec(&output.writes)
+            .map(|v| v.len())
+            .map_err(|e| invalid(format!("not serializable: {e}")))?;
+        if size > graph.max_update_bytes {
+            return Err(invalid(format!("update is {size} bytes, over the limit of {} bytes", graph.max_update_bytes)));
+        }
     }
     Ok(output)
+}
+
+/// An upper bound of a value's serialized JSON size (a string may escape to 6 bytes a byte).
+fn size_bound(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 24,
+        Value::String(s) => s.len() * 6 + 2,
+        Value::Array(items) => 2 + items.iter().map(|v| size_bound(v) + 1).sum::<usize>(),
+        Value::Object(map) => 2 + map.iter().map(|(k, v)| k.len() * 6 + 4 + size_bound(v)).sum::<usize>(),
+    }
 }
 
 /// The snapshot with one task's writes applied (what its routers see).
@@ -177,12 +194,12 @@ pub(crate) fn apply_step(
         let previous = prev.versions.get(channel).map(|v| v.v);
         let (value, blob, delta) = match (reduced, previous) {
             (Reduced::Appended { value, items }, Some(base)) => {
-                let data = serde_json::to_vec(&items)?;
+                let data = codec::encode(&items)?;
                 (value, ChannelBlob { channel: channel.to_owned(), version: new_id, base: Some(base), data }, true)
             }
             (reduced, _) => {
                 let value = reduced.into_value();
-                let data = serde_json::to_vec(&value)?;
+                let data = codec::encode(&value)?;
                 (value, ChannelBlob { channel: channel.to_owned(), version: new_id, base: None, data }, false)
             }
         };
@@ -336,7 +353,7 @@ mod tests {
         assert_eq!(first.blobs[0].base, None);
         let second = apply_step(g, &first.body, &mut values, &[("x", &w(json!("b")))], 2).unwrap();
         assert_eq!(second.blobs[0].base, Some(1));
-        assert_eq!(second.blobs[0].data, br#"["b"]"#.to_vec());
+        assert_eq!(codec::decode::<Value>(&second.blobs[0].data).unwrap(), json!(["b"]));
         assert!(second.body.versions["items"].d);
         assert_eq!(*values["items"], json!(["a", "b"]));
     }

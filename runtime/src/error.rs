@@ -126,6 +126,9 @@ pub enum Error {
         /// Whether retrying may help (connection lost, server restarting).
         transient: bool,
     },
+    /// A stored payload could not be encoded or decoded.
+    #[error("stored payload encoding: {0}")]
+    Encoding(String),
     /// JSON (de)serialization of state failed.
     #[error("serialization: {0}")]
     Serde(#[from] serde_json::Error),

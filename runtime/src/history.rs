@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use serde_json::{Value, json};
 
 use crate::algo;
+use crate::checkpoint::codec;
 use crate::checkpoint::{
     CheckpointMeta, LeaseRequest, ListFilter, NewCheckpoint, Source, StepCommit, StepRef, WriteKind,
 };
@@ -55,7 +56,7 @@ impl Graph {
             .filter(|w| w.kind == WriteKind::Interrupt)
             .filter(|w| !writes.iter().any(|r| r.kind == WriteKind::Resume && r.key == w.key))
             .map(|w| {
-                let record: Value = serde_json::from_slice(&w.data)?;
+                let record: Value = codec::decode(&w.data)?;
                 Ok(Interrupt {
                     id: w.key.clone(),
                     node: record.get("node").and_then(Value::as_str).unwrap_or_default().to_owned(),
@@ -131,7 +132,7 @@ impl Graph {
             expected_head: current_head,
             step,
             source: Source::Update,
-            body: applied.body,
+            body: std::sync::Arc::new(applied.body),
             metadata: json!({"source": "update", "step": step, "as_node": as_node, "owner": lease.owner}),
         };
         let commit = StepCommit { thread: thread.to_owned(), ns: String::new(), checkpoint, blobs: applied.blobs };

@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::checkpoint::{PendingWrite, SharedCheckpointer, StepRef, WriteKind};
+use crate::checkpoint::{PendingWrite, SharedCheckpointer, StepRef, WriteKind, codec};
 use crate::state::{Goto, State, Update};
 use crate::stream::{Event, EventSink};
 
@@ -284,10 +284,10 @@ impl Context {
         };
         let recorded = self.inner.journal.lock().ok().and_then(|j| j.get(&key).cloned());
         if let Some(data) = recorded {
-            return serde_json::from_slice(&data).map_err(|e| NodeError::fatal(format!("journal `{key}`: {e}")));
+            return codec::decode(&data).map_err(|e| NodeError::fatal(format!("journal `{key}`: {e}")));
         }
         let value = call.await.map_err(Into::into)?;
-        let data = serde_json::to_vec(&value).map_err(|e| NodeError::fatal(format!("journal `{key}`: {e}")))?;
+        let data = codec::encode(&value).map_err(|e| NodeError::fatal(format!("journal `{key}`: {e}")))?;
         let write = PendingWrite { task: self.inner.task_id.clone(), kind: WriteKind::Journal, key: key.clone(), data };
         if let Persist::Never = self.inner.persist {
             return Ok(value); // durability "exit": nothing is persisted before the run ends

@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::algo::{self, Task, TaskOutput};
 use crate::checkpoint::{
     ChannelBlob, ChannelVersion, CheckpointBody, Lease, LeaseRequest, NewCheckpoint, PendingWrite, Source, StepCommit,
-    StepRef, StoredCheckpoint, WriteKind,
+    StepRef, StoredCheckpoint, WriteKind, codec,
 };
 use crate::error::{Error, Result};
 use crate::graph::{Graph, START};
@@ -170,9 +170,10 @@ struct ErrorRecord {
 struct Current {
     id: u64,
     step: u64,
-    body: CheckpointBody,
+    body: Arc<CheckpointBody>,
     values: Values,
-    metadata: Value,
+    /// A static `interrupt_after` stopped the run at this checkpoint.
+    interrupt_after: bool,
 }
 
 impl Current {
@@ -180,9 +181,9 @@ impl Current {
         Current {
             id: stored.id,
             step: stored.step,
-            body: stored.body,
+            body: Arc::new(stored.body),
             values: stored.values.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
-            metadata: stored.metadata,
+            interrupt_after: stored.metadata.get("interrupt_after").and_then(Value::as_bool).unwrap_or(false),
         }
     }
 }
@@ -203,14 +204,14 @@ impl Pending {
         for w in writes {
             match w.kind {
                 WriteKind::Output => {
-                    pending.outputs.insert(w.task, serde_json::from_slice(&w.data)?);
+                    pending.outputs.insert(w.task, codec::decode(&w.data)?);
                 }
-                WriteKind::Error => pending.errors.push(serde_json::from_slice(&w.data)?),
+                WriteKind::Error => pending.errors.push(codec::decode(&w.data)?),
                 WriteKind::Interrupt => {
-                    pending.interrupts.insert(w.key, (w.task, serde_json::from_slice(&w.data)?));
+                    pending.interrupts.insert(w.key, (w.task, codec::decode(&w.data)?));
                 }
                 WriteKind::Resume => {
-                    pending.resumes.insert(w.key, serde_json::from_slice(&w.data)?);
+                    pending.resumes.insert(w.key, codec::decode(&w.data)?);
                 }
                 WriteKind::Journal => {
                     pending.journal.entry(w.task).or_default().insert(w.key, w.data);
@@ -384,12 +385,13 @@ impl Loop<'_> {
             expected_head: self.head,
             step: old.step,
             source: Source::Fork,
-            body: old.body.clone(),
+            body: Arc::new(old.body.clone()),
             metadata: json!({"source": "fork", "step": old.step, "forked_from": id, "owner": self.lease.owner}),
         };
         self.commit_now(checkpoint, Vec::new()).await?;
         let mut current = Current::from_stored(old);
         current.id = new_id;
+        current.interrupt_after = false;
         self.current = Some(current);
         Ok(())
     }
@@ -412,23 +414,24 @@ impl Loop<'_> {
                 }
                 let (prev_body, mut values, step) = match self.current.take() {
                     Some(cur) => (cur.body, cur.values, cur.step),
-                    None => (CheckpointBody::default(), Values::new(), 0),
+                    None => (Arc::default(), Values::new(), 0),
                 };
                 let output = algo::input_output(&self.graph.inner, &State::new(values.clone()), update)?;
                 let id = self.lease.next_checkpoint_id();
                 let applied = algo::apply_step(&self.graph.inner, &prev_body, &mut values, &[(START, &output)], id)?;
+                let body = Arc::new(applied.body);
                 let checkpoint = NewCheckpoint {
                     id,
                     parent: self.head,
                     expected_head: self.head,
                     step,
                     source: Source::Input,
-                    body: applied.body.clone(),
+                    body: Arc::clone(&body),
                     metadata: json!({"source": "input", "step": step, "owner": self.lease.owner}),
                 };
                 // Admission: the run is durable before its first node runs, whatever the durability mode.
                 self.commit_now(checkpoint, applied.blobs).await?;
-                self.current = Some(Current { id, step, body: applied.body, values, metadata: Value::Null });
+                self.current = Some(Current { id, step, body, values, interrupt_after: false });
                 self.made_here = true;
                 self.emit_values();
                 Ok(None)
@@ -480,7 +483,7 @@ impl Loop<'_> {
                     .into_iter()
                     .map(|(key, value)| {
                         let task = pending.interrupts[&key].0.clone();
-                        Ok(PendingWrite { task, kind: WriteKind::Resume, key, data: serde_json::to_vec(&value)? })
+                        Ok(PendingWrite { task, kind: WriteKind::Resume, key, data: codec::encode(&value)? })
                     })
                     .collect::<Result<Vec<_>>>()?;
                 store_call(|| self.graph.store.put_writes(self.step_ref(id), &writes)).await?;
@@ -491,7 +494,7 @@ impl Loop<'_> {
 
     fn static_interrupt_pending(&self, cur: &Current) -> bool {
         let g = &self.graph.inner;
-        cur.metadata.get("interrupt_after").and_then(Value::as_bool).unwrap_or(false)
+        cur.interrupt_after
             || algo::tasks_for(&self.ns, cur.id, &cur.body).iter().any(|t| g.interrupt_before.contains(&t.node))
     }
 
@@ -599,13 +602,15 @@ impl Loop<'_> {
                 outputs.push((task, output));
             }
         }
-        for (task, output) in &outputs {
-            self.emit(Event::Updates {
-                step,
-                node: task.node.clone(),
-                task: task.id.clone(),
-                writes: output.writes.clone(),
-            });
+        if self.events.is_some() {
+            for (task, output) in &outputs {
+                self.emit(Event::Updates {
+                    step,
+                    node: task.node.clone(),
+                    task: task.id.clone(),
+                    writes: output.writes.clone(),
+                });
+            }
         }
         let new_id = self.lease.next_checkpoint_id();
         let cur = self.current.as_mut().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
@@ -619,20 +624,21 @@ impl Loop<'_> {
             "tasks": outputs.iter().map(|(t, _)| json!({"id": t.id, "node": t.node})).collect::<Vec<_>>(),
             "interrupt_after": after,
         });
+        let body = Arc::new(applied.body);
         let checkpoint = NewCheckpoint {
             id: new_id,
             parent: Some(id),
             expected_head: Some(id),
             step: step + 1,
             source: Source::Loop,
-            body: applied.body.clone(),
-            metadata: metadata.clone(),
+            body: Arc::clone(&body),
+            metadata,
         };
         cur.id = new_id;
         cur.step = step + 1;
         self.made_here = true;
-        cur.body = applied.body;
-        cur.metadata = metadata;
+        cur.body = body;
+        cur.interrupt_after = after;
         drop(outputs);
         self.commit(checkpoint, applied.blobs).await?;
         self.emit_values();
@@ -933,7 +939,7 @@ impl Loop<'_> {
             checkpoint.expected_head = previous.expected_head;
         }
         for blob in blobs {
-            let items: Vec<Value> = if blob.base.is_some() { serde_json::from_slice(&blob.data)? } else { Vec::new() };
+            let items: Vec<Value> = if blob.base.is_some() { codec::decode(&blob.data)? } else { Vec::new() };
             let entry = self.exit.channels.remove(&blob.channel);
             let buffered = match (entry, blob.base) {
                 (Some(mut held), Some(_)) => {
@@ -957,10 +963,12 @@ impl Loop<'_> {
         let cur = self.current.as_ref().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
         let mut blobs = Vec::with_capacity(channels.len());
         for (channel, held) in channels {
-            let Some(version) = checkpoint.body.versions.get_mut(&channel) else { continue };
+            let Some(version) = std::sync::Arc::make_mut(&mut checkpoint.body).versions.get_mut(&channel) else {
+                continue;
+            };
             let data = match held.base {
-                Some(_) => serde_json::to_vec(&held.items)?,
-                None => serde_json::to_vec(cur.values.get(&channel).map_or(&Value::Null, AsRef::as_ref))?,
+                Some(_) => codec::encode(&held.items)?,
+                None => codec::encode(cur.values.get(&channel).map_or(&Value::Null, AsRef::as_ref))?,
             };
             *version = ChannelVersion { v: held.version, d: held.base.is_some() };
             blobs.push(ChannelBlob { channel, version: held.version, base: held.base, data });
@@ -996,5 +1004,5 @@ fn result_writes(task: &Task, result: &TaskResult, output: bool) -> Result<Vec<P
 }
 
 fn encode<T: Serialize>(task: &Task, kind: WriteKind, key: &str, value: &T) -> Result<PendingWrite> {
-    Ok(PendingWrite { task: task.id.clone(), kind, key: key.to_owned(), data: serde_json::to_vec(value)? })
+    Ok(PendingWrite { task: task.id.clone(), kind, key: key.to_owned(), data: codec::encode(value)? })
 }

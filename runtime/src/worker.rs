@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::algo;
-use crate::checkpoint::{PendingWrite, StepRef, WriteKind};
+use crate::checkpoint::{PendingWrite, StepRef, WriteKind, codec};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::node::{Context, ContextInner, Persist};
@@ -75,9 +75,9 @@ impl Graph {
         let mut resumes = std::collections::BTreeMap::new();
         for w in writes.iter().filter(|w| w.task == task.id && w.kind == WriteKind::Interrupt) {
             if let Some(r) = writes.iter().find(|r| r.kind == WriteKind::Resume && r.key == w.key) {
-                let record: Value = serde_json::from_slice(&w.data)?;
+                let record: Value = codec::decode(&w.data)?;
                 let index = record.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
-                resumes.insert(index, serde_json::from_slice(&r.data)?);
+                resumes.insert(index, codec::decode(&r.data)?);
             }
         }
         let journal = writes
@@ -106,11 +106,11 @@ impl Graph {
         let result = runner::run_task(&self.inner, spec, &task, State::new(values), ctx).await;
         let (kind, key, data, report) = match result {
             TaskResult::Done(output) => {
-                (WriteKind::Output, String::new(), serde_json::to_vec(&output)?, TaskReport::Accepted)
+                (WriteKind::Output, String::new(), codec::encode(&output)?, TaskReport::Accepted)
             }
             TaskResult::Interrupted { index, value } => {
                 let id = interrupt_id(&task.id, index);
-                let data = serde_json::to_vec(&serde_json::json!({"node": task.node, "index": index, "value": value}))?;
+                let data = codec::encode(&serde_json::json!({"node": task.node, "index": index, "value": value}))?;
                 let interrupt = Interrupt { id: id.clone(), node: task.node.clone(), value, kind: InterruptKind::Node };
                 (WriteKind::Interrupt, id, data, TaskReport::Interrupted(interrupt))
             }
@@ -121,7 +121,7 @@ impl Graph {
                 )));
             }
             TaskResult::Failed(error) => {
-                let data = serde_json::to_vec(&serde_json::json!({"node": task.node, "message": error.to_string()}))?;
+                let data = codec::encode(&serde_json::json!({"node": task.node, "message": error.to_string()}))?;
                 let write = PendingWrite { task: task.id.clone(), kind: WriteKind::Error, key: String::new(), data };
                 store_call(|| self.store.put_writes(step, std::slice::from_ref(&write))).await?;
                 return Err(error);

@@ -100,7 +100,7 @@ async fn commits_a_checkpoint_and_loads_it_as_head_and_by_id(store: &dyn Checkpo
     assert_eq!(head.source, Source::Loop);
     assert_eq!(head.values, values(&[("question", json!("why?")), ("count", json!(2))]));
     assert_eq!(head.metadata, json!({"tasks": ["answer"], "tags": {"user": "u1"}}));
-    assert_eq!(head.body, second.checkpoint.body);
+    assert_eq!(head.body, *second.checkpoint.body);
     let age = head.created_at.elapsed().unwrap_or_default();
     assert!(age < Duration::from_mins(1), "created_at is the commit time, got {age:?} ago");
 

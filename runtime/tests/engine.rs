@@ -672,3 +672,22 @@ async fn an_interrupt_inside_a_subgraph_surfaces_and_resumes_where_it_stopped() 
     assert_eq!(state["total"], json!(6));
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the subgraph restarted instead of resuming");
 }
+
+#[tokio::test]
+async fn every_durability_mode_reaches_the_same_state_on_sqlite() {
+    let dir = std::env::temp_dir().join(format!("agentic-durability-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let store = Arc::new(agentic_runtime::SqliteCheckpointer::open(dir.join("modes.db")).await.unwrap());
+    for (i, durability) in [Durability::Sync, Durability::Async, Durability::Exit].into_iter().enumerate() {
+        let graph = chain().with_checkpointer(store.clone());
+        let thread = format!("t{i}");
+        let config = RunConfig { durability, ..cfg() };
+        let outcome = graph.invoke(&thread, start(json!({})), &config).await.unwrap();
+        let stored = graph.get_state(&thread).await.unwrap().unwrap();
+        assert_eq!(stored.values.to_json(), outcome.state().unwrap().to_json(), "{durability:?}");
+        assert_eq!(stored.values.get::<Vec<String>>("log").unwrap(), ["a", "b", "c"], "{durability:?}");
+        let history = graph.history(&thread, &ListFilter::default()).await.unwrap();
+        assert_eq!(history.len(), if durability == Durability::Exit { 2 } else { 4 }, "{durability:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

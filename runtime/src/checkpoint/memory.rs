@@ -11,7 +11,7 @@ use super::{
     CheckpointMeta, Checkpointer, GraphIdentity, Lease, LeaseRequest, ListFilter, PendingWrite, PutOutcome, StepCommit,
     StepRef, StoredCheckpoint, ThreadInfo, blobs_in_use, materialize, stale_task,
 };
-use crate::checkpoint::NewCheckpoint;
+use crate::checkpoint::{CheckpointBody, NewCheckpoint};
 use crate::error::{Error, Result};
 
 /// Keeps checkpoints in process memory.
@@ -172,7 +172,7 @@ impl Checkpointer for MemoryCheckpointer {
                 parent: ckpt.parent,
                 step: ckpt.step,
                 source: ckpt.source,
-                body: ckpt.body.clone(),
+                body: CheckpointBody::clone(&ckpt.body),
                 values,
                 metadata: ckpt.metadata.clone(),
                 created_at: *at,
@@ -253,7 +253,7 @@ impl Checkpointer for MemoryCheckpointer {
             for ((ns, _), (ckpt, _)) in &rec.checkpoints {
                 let blobs = &rec.blobs;
                 for (channel, v) in
-                    blobs_in_use([&ckpt.body], |c, v| blobs.get(&(blob_key(ns, c), v)).and_then(|b| b.0))
+                    blobs_in_use([&*ckpt.body], |c, v| blobs.get(&(blob_key(ns, c), v)).and_then(|b| b.0))
                 {
                     used.insert((blob_key(ns, &channel), v));
                 }

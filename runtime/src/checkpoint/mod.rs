@@ -10,6 +10,7 @@
 //! every commit is fenced by it inside the committing transaction. Workers that run tasks of the
 //! current step need no lease: their writes are fenced by the checkpoint id instead.
 
+pub mod codec;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;
@@ -213,8 +214,8 @@ pub struct NewCheckpoint {
     pub step: u64,
     /// Where it came from.
     pub source: Source,
-    /// Channel versions, next tasks, barriers.
-    pub body: CheckpointBody,
+    /// Channel versions, next tasks, barriers (shared: the loop keeps it as its current state).
+    pub body: Arc<CheckpointBody>,
     /// Free-form metadata (JSON object): tasks that ran, the writer, user tags.
     pub metadata: Value,
 }
@@ -439,7 +440,7 @@ pub(crate) fn materialize(
         }
         let mut value: Option<Value> = None;
         for data in chain.into_iter().rev() {
-            let part: Value = serde_json::from_slice(&data)?;
+            let part: Value = codec::decode(&data)?;
             value = Some(match (value, part) {
                 (Some(Value::Array(mut list)), Value::Array(items)) if version.d => {
                     list.extend(items);
@@ -590,7 +591,7 @@ pub(crate) struct CheckpointRow {
 
 impl CheckpointRow {
     pub(crate) fn body(&self) -> Result<CheckpointBody> {
-        Ok(serde_json::from_slice(&self.body)?)
+        codec::decode(&self.body)
     }
 
     pub(crate) fn into_stored(

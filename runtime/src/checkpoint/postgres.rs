@@ -217,7 +217,7 @@ impl Batch {
             batch.expected.push(ckpt.expected_head.map(|h| h as i64));
             batch.step.push(ckpt.step as i64);
             batch.source.push(ckpt.source.as_str());
-            batch.body.push(serde_json::to_vec(&ckpt.body)?);
+            batch.body.push(super::codec::encode(&*ckpt.body)?);
             batch.metadata.push(serde_json::to_string(&ckpt.metadata)?);
             for blob in &commit.blobs {
                 batch.blob_n.push(n as i64 + 1);
@@ -942,7 +942,7 @@ impl Checkpointer for PostgresCheckpointer {
             .await
             .map_err(&fail)?;
         let kept =
-            kept.into_iter().map(|(ns, body)| Ok((ns, serde_json::from_slice(&body)?))).collect::<Result<Vec<_>>>()?;
+            kept.into_iter().map(|(ns, body)| Ok((ns, super::codec::decode(&body)?))).collect::<Result<Vec<_>>>()?;
         let deltas: Vec<(String, String, i64, i64)> =
             sqlx::query_as("SELECT ns, channel, version, base FROM channel_values WHERE tid = $1 AND base IS NOT NULL")
                 .bind(tid)

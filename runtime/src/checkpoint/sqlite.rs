@@ -192,7 +192,7 @@ impl Checkpointer for SqliteCheckpointer {
     async fn commit(&self, lease: &Lease, commit: &StepCommit) -> Result<()> {
         let fail = sqlite_error("commit");
         let ckpt = &commit.checkpoint;
-        let body = serde_json::to_vec(&ckpt.body)?;
+        let body = super::codec::encode(&*ckpt.body)?;
         let metadata = serde_json::to_string(&ckpt.metadata)?;
         let mut tx = self.write_tx("commit").await?;
         let thread: Option<(i64, i64)> = sqlx::query_as("SELECT tid, epoch FROM threads WHERE thread_id = ?1")
@@ -490,7 +490,7 @@ impl Checkpointer for SqliteCheckpointer {
             .await
             .map_err(&fail)?;
         let kept =
-            kept.into_iter().map(|(ns, body)| Ok((ns, serde_json::from_slice(&body)?))).collect::<Result<Vec<_>>>()?;
+            kept.into_iter().map(|(ns, body)| Ok((ns, super::codec::decode(&body)?))).collect::<Result<Vec<_>>>()?;
         let stored: Vec<(String, String, i64, Option<i64>)> =
             sqlx::query_as("SELECT ns, channel, version, base FROM channel_values WHERE tid = ?1")
                 .bind(tid)

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use agentic_runtime::checkpoint::{
-    ChannelBlob, ChannelVersion, CheckpointBody, Checkpointer, GraphIdentity, Lease, LeaseRequest, NewCheckpoint,
-    PendingTask, PendingWrite, Source, StepCommit, StepRef, WriteKind,
+    ChannelBlob, ChannelVersion, Checkpointer, GraphIdentity, Lease, LeaseRequest, NewCheckpoint, PendingTask,
+    PendingWrite, Source, StepCommit, StepRef, WriteKind,
 };
 use agentic_runtime::{Error, Result};
 use serde_json::{Value, json};
@@ -48,7 +48,7 @@ impl Commit {
                 expected_head: None,
                 step: 0,
                 source: Source::Input,
-                body: CheckpointBody::default(),
+                body: std::sync::Arc::default(),
                 metadata: json!({}),
             },
             blobs: Vec::new(),
@@ -98,20 +98,22 @@ impl Commit {
 
     /// Scheduling `node` next.
     pub fn then(mut self, node: &str) -> Self {
-        self.0.checkpoint.body.next.push(PendingTask::Pull { node: node.to_owned() });
+        std::sync::Arc::make_mut(&mut self.0.checkpoint.body).next.push(PendingTask::Pull { node: node.to_owned() });
         self
     }
 
     /// Naming versions of channels written earlier.
     pub fn versions(mut self, versions: &BTreeMap<String, ChannelVersion>) -> Self {
-        self.0.checkpoint.body.versions.extend(versions.clone());
+        std::sync::Arc::make_mut(&mut self.0.checkpoint.body).versions.extend(versions.clone());
         self
     }
 
     /// Writing `channel` whole.
     pub fn set(mut self, channel: &str, value: &Value) -> Self {
         let id = self.0.checkpoint.id;
-        self.0.checkpoint.body.versions.insert(channel.to_owned(), ChannelVersion { v: id, d: false });
+        std::sync::Arc::make_mut(&mut self.0.checkpoint.body)
+            .versions
+            .insert(channel.to_owned(), ChannelVersion { v: id, d: false });
         self.0.blobs.push(ChannelBlob { channel: channel.to_owned(), version: id, base: None, data: bytes(value) });
         self
     }
@@ -119,7 +121,9 @@ impl Commit {
     /// Appending `items` to `channel` as a delta on version `base` (a whole list if `None`).
     pub fn append(mut self, channel: &str, base: Option<u64>, items: &Value) -> Self {
         let id = self.0.checkpoint.id;
-        self.0.checkpoint.body.versions.insert(channel.to_owned(), ChannelVersion { v: id, d: base.is_some() });
+        std::sync::Arc::make_mut(&mut self.0.checkpoint.body)
+            .versions
+            .insert(channel.to_owned(), ChannelVersion { v: id, d: base.is_some() });
         self.0.blobs.push(ChannelBlob { channel: channel.to_owned(), version: id, base, data: bytes(items) });
         self
     }
@@ -166,7 +170,7 @@ impl Chain {
         store.commit(lease, &commit).await?;
         self.head = Some(commit.checkpoint.id);
         self.step = commit.checkpoint.step + 1;
-        self.versions = commit.checkpoint.body.versions;
+        self.versions = commit.checkpoint.body.versions.clone();
         Ok(commit.checkpoint.id)
     }
 
@@ -186,7 +190,7 @@ impl Chain {
 
 /// JSON bytes of a value.
 pub fn bytes(value: &Value) -> Vec<u8> {
-    serde_json::to_vec(value).unwrap_or_default()
+    agentic_runtime::checkpoint::codec::encode(value).unwrap_or_default()
 }
 
 /// A pending write with a JSON payload.
