@@ -118,7 +118,7 @@ impl Writer {
                 step: self.step,
                 source: Source::Loop,
                 body: std::sync::Arc::new(CheckpointBody { versions, ..CheckpointBody::default() }),
-                metadata: json!({"source": "loop", "step": self.step}),
+                metadata: std::sync::Arc::new(json!({"source": "loop", "step": self.step})),
             },
             blobs: vec![ChannelBlob { channel: "state".to_owned(), version: id, base: None, data: data.to_vec() }],
         }

@@ -386,7 +386,9 @@ impl Loop<'_> {
             step: old.step,
             source: Source::Fork,
             body: Arc::new(old.body.clone()),
-            metadata: json!({"source": "fork", "step": old.step, "forked_from": id, "owner": self.lease.owner}),
+            metadata: Arc::new(
+                json!({"source": "fork", "step": old.step, "forked_from": id, "owner": self.lease.owner}),
+            ),
         };
         self.commit_now(checkpoint, Vec::new()).await?;
         let mut current = Current::from_stored(old);
@@ -427,7 +429,7 @@ impl Loop<'_> {
                     step,
                     source: Source::Input,
                     body: Arc::clone(&body),
-                    metadata: json!({"source": "input", "step": step, "owner": self.lease.owner}),
+                    metadata: Arc::new(json!({"source": "input", "step": step, "owner": self.lease.owner})),
                 };
                 // Admission: the run is durable before its first node runs, whatever the durability mode.
                 self.commit_now(checkpoint, applied.blobs).await?;
@@ -632,7 +634,7 @@ impl Loop<'_> {
             step: step + 1,
             source: Source::Loop,
             body: Arc::clone(&body),
-            metadata,
+            metadata: Arc::new(metadata),
         };
         cur.id = new_id;
         cur.step = step + 1;

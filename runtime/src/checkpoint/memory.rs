@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
+use serde_json::Value;
 
 use super::{
     CheckpointMeta, Checkpointer, GraphIdentity, Lease, LeaseRequest, ListFilter, PendingWrite, PutOutcome, StepCommit,
@@ -32,7 +33,8 @@ struct ThreadRec {
     held: bool,
     heads: HashMap<String, u64>,
     checkpoints: BTreeMap<(String, u64), (NewCheckpoint, SystemTime)>,
-    blobs: HashMap<(String, u64), (Option<u64>, Vec<u8>)>,
+    /// namespace -> channel -> version -> (base, data)
+    blobs: HashMap<String, HashMap<String, BTreeMap<u64, (Option<u64>, Vec<u8>)>>>,
     writes: BTreeMap<(String, u64), Vec<PendingWrite>>,
 }
 
@@ -145,7 +147,15 @@ impl Checkpointer for MemoryCheckpointer {
                 });
             }
             for blob in &commit.blobs {
-                rec.blobs.insert((blob_key(&commit.ns, &blob.channel), blob.version), (blob.base, blob.data.clone()));
+                let ns = match rec.blobs.get_mut(&commit.ns) {
+                    Some(ns) => ns,
+                    None => rec.blobs.entry(commit.ns.clone()).or_default(),
+                };
+                let versions = match ns.get_mut(&blob.channel) {
+                    Some(versions) => versions,
+                    None => ns.entry(blob.channel.clone()).or_default(),
+                };
+                versions.insert(blob.version, (blob.base, blob.data.clone()));
             }
             rec.checkpoints.insert(key, (ckpt.clone(), SystemTime::now()));
             rec.heads.insert(commit.ns.clone(), ckpt.id);
@@ -165,7 +175,8 @@ impl Checkpointer for MemoryCheckpointer {
         let found = self.with_thread(thread, |rec| {
             let Some(id) = id.or_else(|| rec.heads.get(ns).copied()) else { return Ok(None) };
             let Some((ckpt, at)) = rec.checkpoints.get(&(ns.to_owned(), id)) else { return Ok(None) };
-            let values = materialize(&ckpt.body, |channel, v| rec.blobs.get(&(blob_key(ns, channel), v)).cloned())?;
+            let blobs = rec.blobs.get(ns);
+            let values = materialize(&ckpt.body, |channel, v| blobs?.get(channel)?.get(&v).cloned())?;
             Ok(Some(StoredCheckpoint {
                 id,
                 ns: ns.to_owned(),
@@ -174,7 +185,7 @@ impl Checkpointer for MemoryCheckpointer {
                 source: ckpt.source,
                 body: CheckpointBody::clone(&ckpt.body),
                 values,
-                metadata: ckpt.metadata.clone(),
+                metadata: Value::clone(&ckpt.metadata),
                 created_at: *at,
             }))
         })?;
@@ -195,7 +206,7 @@ impl Checkpointer for MemoryCheckpointer {
                     parent: c.parent,
                     step: c.step,
                     source: c.source,
-                    metadata: c.metadata.clone(),
+                    metadata: Value::clone(&c.metadata),
                 })
                 .collect())
         })?;
@@ -251,21 +262,19 @@ impl Checkpointer for MemoryCheckpointer {
             }
             let mut used = std::collections::BTreeSet::new();
             for ((ns, _), (ckpt, _)) in &rec.checkpoints {
-                let blobs = &rec.blobs;
-                for (channel, v) in
-                    blobs_in_use([&*ckpt.body], |c, v| blobs.get(&(blob_key(ns, c), v)).and_then(|b| b.0))
-                {
-                    used.insert((blob_key(ns, &channel), v));
+                let blobs = rec.blobs.get(ns);
+                let base_of = |c: &str, v: u64| blobs?.get(c)?.get(&v).and_then(|b| b.0);
+                for (channel, v) in blobs_in_use([&*ckpt.body], base_of) {
+                    used.insert((ns.clone(), channel, v));
                 }
             }
-            rec.blobs.retain(|key, _| used.contains(key));
+            for (ns, channels) in &mut rec.blobs {
+                for (channel, versions) in channels.iter_mut() {
+                    versions.retain(|v, _| used.contains(&(ns.clone(), channel.clone(), *v)));
+                }
+            }
             Ok(doomed.len() as u64)
         })?;
         Ok(deleted.unwrap_or(0))
     }
-}
-
-/// Blobs are keyed by namespace and channel together.
-fn blob_key(ns: &str, channel: &str) -> String {
-    format!("{ns}\u{1f}{channel}")
 }

@@ -217,7 +217,7 @@ pub struct NewCheckpoint {
     /// Channel versions, next tasks, barriers (shared: the loop keeps it as its current state).
     pub body: Arc<CheckpointBody>,
     /// Free-form metadata (JSON object): tasks that ran, the writer, user tags.
-    pub metadata: Value,
+    pub metadata: Arc<Value>,
 }
 
 /// One super-step's commit: the checkpoint and the channel values it changed.

@@ -218,7 +218,7 @@ impl Batch {
             batch.step.push(ckpt.step as i64);
             batch.source.push(ckpt.source.as_str());
             batch.body.push(super::codec::encode(&*ckpt.body)?);
-            batch.metadata.push(serde_json::to_string(&ckpt.metadata)?);
+            batch.metadata.push(serde_json::to_string(&*ckpt.metadata)?);
             for blob in &commit.blobs {
                 batch.blob_n.push(n as i64 + 1);
                 batch.blob_channel.push(blob.channel.clone());
