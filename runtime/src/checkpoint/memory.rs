@@ -33,10 +33,13 @@ struct ThreadRec {
     held: bool,
     heads: HashMap<String, u64>,
     checkpoints: BTreeMap<(String, u64), (NewCheckpoint, SystemTime)>,
-    /// namespace -> channel -> version -> (base, data)
-    blobs: HashMap<String, HashMap<String, BTreeMap<u64, (Option<u64>, Vec<u8>)>>>,
+    /// namespace -> channel -> version -> blob
+    blobs: HashMap<String, HashMap<String, BTreeMap<u64, StoredBlob>>>,
     writes: BTreeMap<(String, u64), Vec<PendingWrite>>,
 }
+
+/// A stored channel version: the version it extends (for a delta) and its bytes.
+type StoredBlob = (Option<u64>, Vec<u8>);
 
 struct Release {
     store: Arc<Mutex<Store>>,
