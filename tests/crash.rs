@@ -15,9 +15,9 @@ use support::{TestDb, finish, probe as probe_cmd, sigkill};
 
 /// Kills per run; at least 50 in CI.
 const KILLS: usize = 60;
-const ROUNDS: u64 = 20;
+const ROUNDS: u64 = 30;
 const WIDTH: u64 = 4;
-const SHAPE: [&str; 6] = ["--rounds", "20", "--width", "4", "--max-pause-ms", "40"];
+const SHAPE: [&str; 6] = ["--rounds", "30", "--width", "4", "--max-pause-ms", "40"];
 
 async fn executions(db: &TestDb) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM probe_executions WHERE thread = 'crashed'")

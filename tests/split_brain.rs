@@ -67,10 +67,11 @@ async fn second_runner_is_refused_and_a_deposed_runner_cannot_commit() {
     }
     assert!(refused.to_string().contains("leased by `pod-a`"), "{refused}");
 
-    // A's database session dies (a network partition): B takes over at once, and A, still
+    // A's database session dies (a network partition; the call waits until it is gone): B takes
+    // over at once, and A, still
     // running its node, is fenced off when it tries to commit.
     let killed: Vec<(bool,)> =
-        sqlx::query_as("SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND a.datname = $1")
+        sqlx::query_as("SELECT pg_terminate_backend(l.pid, 5000) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND a.datname = $1")
             .bind(&db.name)
             .fetch_all(&db.pool)
             .await
