@@ -1148,9 +1148,11 @@ impl Pg {
         let mut pg = Pg { admin, database, wal_timing: false, switched_timing: false };
         pg.wal_timing = pg.timing_on().await?;
         if !pg.wal_timing {
-            let switched = sqlx::raw_sql("ALTER SYSTEM SET track_wal_io_timing = on; SELECT pg_reload_conf();")
-                .execute(&mut pg.admin)
-                .await;
+            // Two round trips: ALTER SYSTEM cannot share a transaction with another statement.
+            let mut switched = sqlx::raw_sql("ALTER SYSTEM SET track_wal_io_timing = on").execute(&mut pg.admin).await;
+            if switched.is_ok() {
+                switched = sqlx::raw_sql("SELECT pg_reload_conf()").execute(&mut pg.admin).await;
+            }
             match switched {
                 Ok(_) => {
                     // The reload reaches sessions asynchronously.
@@ -1179,10 +1181,10 @@ impl Pg {
     }
 
     async fn close(mut self) {
-        if self.switched_timing {
-            let _ = sqlx::raw_sql("ALTER SYSTEM RESET track_wal_io_timing; SELECT pg_reload_conf();")
-                .execute(&mut self.admin)
-                .await;
+        if self.switched_timing
+            && sqlx::raw_sql("ALTER SYSTEM RESET track_wal_io_timing").execute(&mut self.admin).await.is_ok()
+        {
+            let _ = sqlx::raw_sql("SELECT pg_reload_conf()").execute(&mut self.admin).await;
         }
         let _ = self.admin.close().await;
     }

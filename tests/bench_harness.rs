@@ -1,0 +1,53 @@
+//! The benchmark harness keeps working: `agentic-bench --quick` runs each workload end to end
+//! on every backend and prints well-formed JSON. No timing is asserted here; figures belong
+//! to benches/compare.sh.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::Value;
+use support::TestDb;
+
+fn bench(args: &[&str]) -> Vec<Value> {
+    let out = Command::new(env!("CARGO_BIN_EXE_agentic-bench")).args(args).output().unwrap();
+    assert!(out.status.success(), "agentic-bench {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    assert!(!lines.is_empty(), "agentic-bench {args:?} printed nothing");
+    lines
+}
+
+fn assert_ran(lines: &[Value], case: &str, backend: &str) {
+    for line in lines {
+        assert_eq!(line["case"], case);
+        assert_eq!(line["backend"], backend);
+        assert!(line["node_steps"].as_u64().unwrap_or(0) > 0, "no step ran: {line}");
+        assert!(line["node_steps_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{line}");
+    }
+}
+
+#[test]
+fn quick_runs_of_every_workload_on_memory_and_sqlite_print_json() {
+    for backend in ["memory", "sqlite"] {
+        for case in ["chain", "fan"] {
+            assert_ran(&bench(&["--backend", backend, "--quick", case]), case, backend);
+        }
+    }
+    let resume = bench(&["--backend", "sqlite", "--quick", "resume"]);
+    assert_eq!(resume[0]["case"], "resume");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_runs_on_postgres_print_json_with_the_wal_fsync_time() {
+    let db = TestDb::new("bench").await;
+    for case in ["chain", "fan"] {
+        let lines = bench(&["--backend", "postgres", "--database", &db.url, "--quick", case]);
+        assert_ran(&lines, case, "postgres");
+        assert!(lines.iter().all(|l| l.get("ms_per_wal_sync").is_some()), "{lines:?}");
+    }
+    db.drop_db().await;
+}
