@@ -15,13 +15,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgConnection, Postgres};
+use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -36,27 +35,12 @@ const BACKEND: &str = "postgres";
 /// The embedded migrations of the PostgreSQL schema.
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
-/// How long an acquire waits for a lock this process is releasing.
-const RELEASE_WAIT: Duration = Duration::from_secs(2);
-
-/// At most this many leases held at once by one checkpointer (one connection each).
-const MAX_LEASES: u32 = 256;
-
-/// Backend pids of lease connections this process released, with when: until such a session
-/// has unlocked (or ended), its lock is not another runner's, and an acquire waits for it.
-static RELEASING: LazyLock<Mutex<HashMap<i32, Instant>>> = LazyLock::new(Mutex::default);
-
-fn releasing() -> std::sync::MutexGuard<'static, HashMap<i32, Instant>> {
-    // Single inserts and removes: consistent whatever panicked while holding it.
-    RELEASING.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// Stores checkpoints in PostgreSQL.
 #[derive(Clone)]
 pub struct PostgresCheckpointer {
     pool: PgPool,
-    /// Connections that hold leases, one per lease; unlocked when returned.
-    leases: PgPool,
+    /// The session that holds this checkpointer's leases.
+    leases: Arc<LeaseSession>,
     /// The group committer's queue; `None` inside the committer itself.
     committer: Option<mpsc::UnboundedSender<CommitJob>>,
 }
@@ -134,30 +118,56 @@ fn lease_key(thread: &str) -> i64 {
     i64::from_le_bytes(key)
 }
 
-/// The lease's session: dropping it releases the advisory lock.
-struct SessionLock {
-    conn: Mutex<Option<PoolConnection<Postgres>>>,
-    pid: i32,
+/// The one database session that holds this checkpointer's leases as session advisory locks.
+/// Locks die with the session, so a killed process's leases free at once; one session for all
+/// leases keeps connections few however many threads run (a connection per lease exhausted
+/// `max_connections` at 64 threads).
+struct LeaseSession {
+    options: PgConnectOptions,
+    /// The session and its generation (bumped on every reconnect: locks of an older session are gone).
+    conn: tokio::sync::Mutex<(u64, Option<PgConnection>)>,
+    /// Keys held by live leases of this checkpointer, with the session generation that holds
+    /// them. Session locks are re-entrant, so a second runner of this process on the same thread
+    /// is refused here, while the session that holds the lock lives.
+    held: Mutex<HashMap<i64, u64>>,
 }
 
-impl Drop for SessionLock {
-    fn drop(&mut self) {
-        let Some(conn) = self.conn.get_mut().unwrap_or_else(PoisonError::into_inner).take() else { return };
-        releasing().insert(self.pid, Instant::now());
-        if tokio::runtime::Handle::try_current().is_ok() {
-            // Back to the lease pool, which unlocks it (`after_release`) in a task of its own.
-            drop(conn);
-        } else {
-            // No runtime to return it with: close the socket, the server ends the session and
-            // the lock with it.
-            drop(conn.detach());
-        }
+impl LeaseSession {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u64>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// Returns a lease connection to its pool only once it holds no lock.
-async fn unlock_all(conn: &mut PgConnection) -> std::result::Result<bool, sqlx::Error> {
-    Ok(sqlx::query("SELECT pg_advisory_unlock_all()").execute(conn).await.is_ok())
+/// A lease's lock: dropping it releases the advisory lock.
+struct HeldLock {
+    session: Arc<LeaseSession>,
+    key: i64,
+    generation: u64,
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        {
+            let mut held = self.session.held();
+            if held.get(&self.key) == Some(&self.generation) {
+                held.remove(&self.key);
+            }
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (session, key, generation) = (Arc::clone(&self.session), self.key, self.generation);
+        runtime.spawn(async move {
+            let mut guard = session.conn.lock().await;
+            if guard.0 != generation {
+                return; // that session is gone, and its locks with it
+            }
+            if let Some(conn) = guard.1.as_mut() {
+                let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(conn).await;
+                if unlocked.is_err() {
+                    guard.1 = None; // a broken session: its locks are gone with it
+                }
+            }
+        });
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -315,7 +325,7 @@ SELECT n FROM won
 /// checkpoint id is read by the next statement, whose snapshot sees that commit.
 const TAKE_SQL: &str = r"
 WITH lock AS (
-    SELECT pg_try_advisory_lock($6) AS locked, pg_backend_pid() AS pid
+    SELECT pg_try_advisory_lock($6) AS locked
 ),
 bumped AS (
     INSERT INTO threads (thread_id, graph_name, graph_hash, owner, epoch)
@@ -326,14 +336,13 @@ bumped AS (
     WHERE $5 OR (threads.graph_name = excluded.graph_name AND threads.graph_hash = excluded.graph_hash)
     RETURNING tid, epoch
 )
-SELECT lock.locked, lock.pid, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true
+SELECT lock.locked, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true
 ";
 
 /// What [`TAKE_SQL`] did: no `tid` with `locked` means another graph owns the thread.
 #[derive(sqlx::FromRow)]
 struct Taken {
     locked: bool,
-    pid: i32,
     tid: Option<i64>,
     epoch: Option<i64>,
 }
@@ -383,13 +392,11 @@ impl PostgresCheckpointer {
         // order), and that holder's next commits are refused as fenced. Safe, and one fsync
         // less per acquire.
         let lease_options = PgConnectOptions::clone(&pool.connect_options()).options([("synchronous_commit", "off")]);
-        let leases = PgPoolOptions::new()
-            .max_connections(MAX_LEASES)
-            .idle_timeout(Duration::from_mins(1))
-            // The lock query tells a dead connection soon enough (and is retried once).
-            .test_before_acquire(false)
-            .after_release(|conn, _| Box::pin(unlock_all(conn)))
-            .connect_lazy_with(lease_options);
+        let leases = Arc::new(LeaseSession {
+            options: lease_options,
+            conn: tokio::sync::Mutex::new((0, None)),
+            held: Mutex::default(),
+        });
         let direct = PostgresCheckpointer { pool, leases, committer: None };
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(tokio::sync::Mutex::new(rx));
@@ -518,15 +525,31 @@ impl PostgresCheckpointer {
         Ok(outcomes)
     }
 
-    /// Takes the advisory lock on a lease connection and, holding it, the thread: the epoch
-    /// bumped, the graph checked. Waits for a lock this process is releasing; `Ok(None)`: another
-    /// session holds it.
-    async fn take(&self, request: &LeaseRequest<'_>, key: i64) -> Result<Option<(PoolConnection<Postgres>, Taken)>> {
+    /// Takes the advisory lock on the lease session and, holding it, the thread: the epoch bumped,
+    /// the graph checked, the highest checkpoint id read. `Ok(None)`: another runner holds it.
+    async fn take(&self, request: &LeaseRequest<'_>, key: i64) -> Result<Option<(Taken, u64, u64)>> {
         let fail = pg_error("acquire");
-        let deadline = Instant::now() + RELEASE_WAIT;
-        let mut conn = self.leases.acquire().await.map_err(&fail)?;
-        let mut fresh = false;
-        loop {
+        let mut guard = self.leases.conn.lock().await;
+        let held_here = self.leases.held().get(&key) == Some(&guard.0);
+        if held_here {
+            // Held by a live lease of this process, if the session that holds it still lives.
+            let alive = match guard.1.as_mut() {
+                Some(conn) => sqlx::query("SELECT 1").execute(conn).await.is_ok(),
+                None => false,
+            };
+            if alive {
+                return Ok(None);
+            }
+            guard.1 = None; // the session died and its locks with it
+        }
+        for attempt in 0..2 {
+            if guard.1.is_none() {
+                let conn = self.leases.options.connect().await.map_err(&fail)?;
+                guard.0 += 1;
+                guard.1 = Some(conn);
+            }
+            let generation = guard.0;
+            let Some(conn) = guard.1.as_mut() else { continue };
             let taken: std::result::Result<Taken, sqlx::Error> = sqlx::query_as(TAKE_SQL)
                 .bind(request.thread)
                 .bind(&request.graph.name)
@@ -537,46 +560,40 @@ impl PostgresCheckpointer {
                 .fetch_one(&mut *conn)
                 .await;
             match taken {
-                Ok(taken) if taken.locked => {
-                    releasing().remove(&taken.pid);
-                    return Ok(Some((conn, taken)));
+                Ok(taken) if !taken.locked => return Ok(None),
+                Ok(taken) => {
+                    let outcome = match (taken.tid, taken.epoch) {
+                        (Some(tid), Some(_)) => Self::max_seq(conn, tid).await,
+                        _ => Err(Self::graph_mismatch(conn, request).await.unwrap_or_else(|err| err)),
+                    };
+                    return match outcome {
+                        Ok(max_seq) => {
+                            self.leases.held().insert(key, generation);
+                            Ok(Some((taken, max_seq, generation)))
+                        }
+                        Err(err) => {
+                            let unlocked =
+                                sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut *conn).await;
+                            if unlocked.is_err() {
+                                guard.1 = None;
+                            }
+                            Err(err)
+                        }
+                    };
                 }
-                Ok(_) => {
-                    if Instant::now() >= deadline || !Self::held_by_releasing_session(&mut conn, key).await? {
-                        return Ok(None);
-                    }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                // The session may have died (server restart, terminated): one more try on a new one.
+                Err(err)
+                    if attempt == 0 && store_error(BACKEND, "acquire", &err, transient_sqlstate).is_transient() =>
+                {
+                    guard.1 = None;
                 }
-                // An idle connection may have died (server restart, idle timeout): one more try
-                // on a new one.
-                Err(err) if !fresh && store_error(BACKEND, "acquire", &err, transient_sqlstate).is_transient() => {
-                    drop(conn.detach());
-                    conn = self.leases.acquire().await.map_err(&fail)?;
-                    fresh = true;
+                Err(err) => {
+                    guard.1 = None;
+                    return Err(fail(err));
                 }
-                Err(err) => return Err(fail(err)),
             }
         }
-    }
-
-    /// Whether the lock is held by a lease connection this process released (still unlocking), or
-    /// by no one any more.
-    async fn held_by_releasing_session(conn: &mut PgConnection, key: i64) -> Result<bool> {
-        let holders: Vec<i32> = sqlx::query_scalar(
-            "SELECT pid FROM pg_locks
-             WHERE locktype = 'advisory' AND granted AND objsubid = 1
-               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-               AND classid = $1::int8::oid AND objid = $2::int8::oid",
-        )
-        .bind(((key as u64) >> 32) as i64)
-        .bind(((key as u64) & 0xffff_ffff) as i64)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(pg_error("acquire"))?;
-        let mut releasing = releasing();
-        releasing.retain(|_, at| at.elapsed() < RELEASE_WAIT * 4);
-        // No holder: it let go since the lock was tried; try again.
-        Ok(holders.is_empty() || holders.iter().any(|pid| releasing.contains_key(pid)))
+        Err(Error::Checkpoint { backend: BACKEND, message: "acquire: no lease session".to_owned(), transient: true })
     }
 
     /// The highest checkpoint id of a thread, across its namespaces.
@@ -723,7 +740,7 @@ impl Checkpointer for PostgresCheckpointer {
 
     async fn acquire(&self, request: LeaseRequest<'_>) -> Result<Lease> {
         let key = lease_key(request.thread);
-        let Some((mut conn, taken)) = self.take(&request, key).await? else {
+        let Some((taken, max_seq, generation)) = self.take(&request, key).await? else {
             let owner: Option<Option<String>> = sqlx::query_scalar("SELECT owner FROM threads WHERE thread_id = $1")
                 .bind(request.thread)
                 .fetch_optional(&self.pool)
@@ -735,25 +752,9 @@ impl Checkpointer for PostgresCheckpointer {
                 until: until_words(None),
             });
         };
-        let outcome = match (taken.tid, taken.epoch) {
-            (Some(tid), Some(epoch)) => Self::max_seq(&mut conn, tid).await.map(|max_seq| (epoch as u64, max_seq)),
-            _ => Err(Self::graph_mismatch(&mut conn, &request).await.unwrap_or_else(|err| err)),
-        };
-        match outcome {
-            Ok((epoch, max_seq)) => {
-                let guard = SessionLock { conn: Mutex::new(Some(conn)), pid: taken.pid };
-                Ok(Lease::new(request.thread, request.owner, epoch, max_seq, Some(Box::new(guard))))
-            }
-            Err(err) => {
-                // Unlocked before returning, so an acquire right after this one does not race the
-                // pool's unlocking. If that fails, the pool's `after_release` unlocks or closes it.
-                let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(&mut *conn).await;
-                if unlocked.is_err() {
-                    releasing().insert(taken.pid, Instant::now());
-                }
-                Err(err)
-            }
-        }
+        let epoch = taken.epoch.unwrap_or_default() as u64;
+        let guard = HeldLock { session: Arc::clone(&self.leases), key, generation };
+        Ok(Lease::new(request.thread, request.owner, epoch, max_seq, Some(Box::new(guard))))
     }
 
     async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>> {
