@@ -312,20 +312,7 @@ impl Graph {
         };
         let lease = store_call(|| self.store.acquire(request.clone())).await?;
         let head = store_call(|| self.store.load(thread, "", None)).await?;
-        let mut run = Loop {
-            graph: self,
-            lease: Arc::new(lease),
-            thread: thread.to_owned(),
-            ns: String::new(),
-            config,
-            events,
-            head: head.as_ref().map(|h| h.id),
-            current: head.map(Current::from_stored),
-            skip_static: false,
-            made_here: false,
-            in_flight: None,
-            exit: ExitBuffer::default(),
-        };
+        let mut run = Loop::new(self, Arc::new(lease), thread, String::new(), config, events, head);
         if let Some(id) = config.checkpoint {
             run.fork_from(id).await?;
         }
@@ -359,7 +346,33 @@ struct Loop<'a> {
     exit: ExitBuffer,
 }
 
-impl Loop<'_> {
+impl<'a> Loop<'a> {
+    /// A loop standing on `head` (the namespace's durable head, if any).
+    fn new(
+        graph: &'a Graph,
+        lease: Arc<Lease>,
+        thread: &str,
+        ns: String,
+        config: &'a RunConfig,
+        events: Option<EventSink>,
+        head: Option<StoredCheckpoint>,
+    ) -> Self {
+        Loop {
+            graph,
+            lease,
+            thread: thread.to_owned(),
+            ns,
+            config,
+            events,
+            head: head.as_ref().map(|h| h.id),
+            current: head.map(Current::from_stored),
+            skip_static: false,
+            made_here: false,
+            in_flight: None,
+            exit: ExitBuffer::default(),
+        }
+    }
+
     fn emit(&self, event: Event) {
         if let Some(events) = &self.events {
             let _ = events.send(Ok(event));
@@ -678,20 +691,8 @@ impl Loop<'_> {
                     Some(_) if !resumes.is_empty() => Input::Resume(Resume::ById(resumes)),
                     Some(_) => Input::Continue,
                 };
-                let mut inner = Loop {
-                    graph: &child,
-                    lease: Arc::clone(&self.lease),
-                    thread: self.thread.clone(),
-                    ns: ns.clone(),
-                    config: self.config,
-                    events: None,
-                    head: head.as_ref().map(|h| h.id),
-                    current: head.map(Current::from_stored),
-                    skip_static: false,
-                    made_here: false,
-                    in_flight: None,
-                    exit: ExitBuffer::default(),
-                };
+                let mut inner =
+                    Loop::new(&child, Arc::clone(&self.lease), &self.thread, ns.clone(), self.config, None, head);
                 inner.admit(input).await?;
                 let outcome = inner.run().await;
                 inner.settle().await?;
