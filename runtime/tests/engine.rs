@@ -691,3 +691,59 @@ async fn every_durability_mode_reaches_the_same_state_on_sqlite() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn idempotency_keys_and_typed_state_survive_a_re_execution() {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Out {
+        keys: Vec<String>,
+    }
+    let graph = GraphBuilder::new("typed")
+        .channel("keys", Channel::append())
+        .node(
+            "pay",
+            node_fn(|_, ctx| async move {
+                let key = ctx.idempotency_key("charge");
+                let _approved = ctx.interrupt(json!("approve the charge?"))?;
+                // Runs again on resume: the key must be the one the first run saw.
+                Update::from_struct(&Out { keys: vec![key, ctx.idempotency_key("charge")] })
+            }),
+        )
+        .edge(START, "pay")
+        .edge("pay", END)
+        .compile()
+        .unwrap();
+    graph.invoke("t", start(json!({})), &cfg()).await.unwrap();
+    let outcome = graph.invoke("t", Input::Resume(Resume::Value(json!(true))), &cfg()).await.unwrap();
+    let out: Out = outcome.state().unwrap().parse().unwrap();
+    assert_eq!(out.keys.len(), 2);
+    assert_eq!(out.keys[0], out.keys[1]);
+    assert!(out.keys[0].starts_with("t:") && out.keys[0].ends_with(":charge"), "{}", out.keys[0]);
+}
+
+#[tokio::test]
+async fn retry_on_decides_which_errors_retry() {
+    tokio::time::pause();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&attempts);
+    let graph = GraphBuilder::new("picky")
+        .channel("x", Channel::last_value())
+        .node(
+            "n",
+            node_fn(move |_, _| {
+                let counter = Arc::clone(&counter);
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    Err(NodeError::from("HTTP 400"))
+                }
+            }),
+        )
+        .retry("n", RetryPolicy::attempts(5).retry_on(|e| !e.to_string().contains("400")))
+        .edge(START, "n")
+        .edge("n", END)
+        .compile()
+        .unwrap();
+    let err = graph.invoke("t", start(json!({})), &cfg()).await.unwrap_err();
+    assert!(err.to_string().contains("after 1 attempt(s)"), "{err}");
+    assert_eq!(attempts.load(Ordering::SeqCst), 1);
+}
