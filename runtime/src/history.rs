@@ -7,13 +7,10 @@ use std::time::SystemTime;
 use serde_json::{Value, json};
 
 use crate::algo;
-use crate::checkpoint::codec;
-use crate::checkpoint::{
-    CheckpointMeta, LeaseRequest, ListFilter, NewCheckpoint, Source, StepCommit, StepRef, WriteKind,
-};
+use crate::checkpoint::{CheckpointMeta, LeaseRequest, ListFilter, NewCheckpoint, Source, StepCommit, StepRef};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
-use crate::pregel::{Interrupt, InterruptKind, RunConfig};
+use crate::pregel::{Interrupt, Pending, RunConfig};
 use crate::retry::store_call;
 use crate::state::{State, Update};
 
@@ -50,21 +47,7 @@ impl Graph {
     pub async fn state_at(&self, thread: &str, checkpoint: Option<u64>) -> Result<Option<StateSnapshot>> {
         let Some(stored) = store_call(|| self.store.load(thread, "", checkpoint)).await? else { return Ok(None) };
         let step = StepRef { thread, ns: "", checkpoint: stored.id };
-        let writes = store_call(|| self.store.pending_writes(step)).await?;
-        let interrupts = writes
-            .iter()
-            .filter(|w| w.kind == WriteKind::Interrupt)
-            .filter(|w| !writes.iter().any(|r| r.kind == WriteKind::Resume && r.key == w.key))
-            .map(|w| {
-                let record: Value = codec::decode(&w.data)?;
-                Ok(Interrupt {
-                    id: w.key.clone(),
-                    node: record.get("node").and_then(Value::as_str).unwrap_or_default().to_owned(),
-                    value: record.get("value").cloned().unwrap_or(Value::Null),
-                    kind: InterruptKind::Node,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let interrupts = Pending::parse(store_call(|| self.store.pending_writes(step)).await?)?.open_interrupts();
         let next = algo::tasks_for("", stored.id, &stored.body).into_iter().map(|t| t.node).collect();
         Ok(Some(StateSnapshot {
             checkpoint: stored.id,

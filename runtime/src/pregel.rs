@@ -15,8 +15,8 @@ use tokio::sync::mpsc;
 
 use crate::algo::{self, Task, TaskOutput};
 use crate::checkpoint::{
-    ChannelBlob, ChannelVersion, CheckpointBody, Lease, LeaseRequest, NewCheckpoint, PendingWrite, Source, StepCommit,
-    StepRef, StoredCheckpoint, WriteKind, codec,
+    ChannelBlob, ChannelVersion, CheckpointBody, Lease, LeaseRequest, NewCheckpoint, PendingWrite, SharedCheckpointer,
+    Source, StepCommit, StepRef, StoredCheckpoint, WriteKind, codec,
 };
 use crate::error::{Error, Result};
 use crate::graph::{Graph, START};
@@ -190,8 +190,8 @@ impl Current {
 
 /// What the pending writes of a step say.
 #[derive(Default)]
-struct Pending {
-    outputs: HashMap<String, TaskOutput>,
+pub(crate) struct Pending {
+    pub(crate) outputs: HashMap<String, TaskOutput>,
     errors: Vec<ErrorRecord>,
     interrupts: BTreeMap<String, (String, InterruptRecord)>,
     resumes: BTreeMap<String, Value>,
@@ -199,7 +199,7 @@ struct Pending {
 }
 
 impl Pending {
-    fn parse(writes: Vec<PendingWrite>) -> Result<Self> {
+    pub(crate) fn parse(writes: Vec<PendingWrite>) -> Result<Self> {
         let mut pending = Pending::default();
         for w in writes {
             match w.kind {
@@ -221,7 +221,7 @@ impl Pending {
         Ok(pending)
     }
 
-    fn open_interrupts(&self) -> Vec<Interrupt> {
+    pub(crate) fn open_interrupts(&self) -> Vec<Interrupt> {
         self.interrupts
             .iter()
             .filter(|(id, _)| !self.resumes.contains_key(*id))
@@ -251,6 +251,38 @@ impl Pending {
             .filter_map(|(id, (_, rec))| self.resumes.get(id).map(|v| (rec.index, v.clone())))
             .collect()
     }
+
+    /// The context a task runs with: its resume values and recorded journal come from here.
+    pub(crate) fn context(&self, scope: &TaskScope<'_>, task: &Task) -> Context {
+        Context::new(ContextInner {
+            thread: scope.thread.to_owned(),
+            ns: scope.ns.to_owned(),
+            checkpoint: scope.checkpoint,
+            step: scope.step,
+            task_id: task.id.clone(),
+            node: task.node.clone(),
+            arg: task.arg.clone(),
+            attempt: 0.into(),
+            resumes: self.resumes_of(&task.id),
+            journal: std::sync::Mutex::new(self.journal.get(&task.id).cloned().unwrap_or_default()),
+            journal_seen: std::sync::Mutex::default(),
+            interrupts: 0.into(),
+            store: Arc::clone(scope.store),
+            events: scope.events.clone(),
+            persist: scope.persist.clone(),
+        })
+    }
+}
+
+/// Where the tasks of one step run: thread, namespace, step, store, events, persistence.
+pub(crate) struct TaskScope<'a> {
+    pub(crate) thread: &'a str,
+    pub(crate) ns: &'a str,
+    pub(crate) checkpoint: u64,
+    pub(crate) step: u64,
+    pub(crate) store: &'a SharedCheckpointer,
+    pub(crate) events: Option<EventSink>,
+    pub(crate) persist: Persist,
 }
 
 /// The id of a task's `index`-th interrupt.
@@ -724,6 +756,15 @@ impl<'a> Loop<'a> {
         let state = State::new(cur.values.clone());
         let persist_each = tasks.len() > 1 && self.config.durability != Durability::Exit;
         let persist = self.persist_mode();
+        let scope = TaskScope {
+            thread: &self.thread,
+            ns: &self.ns,
+            checkpoint: cur.id,
+            step: cur.step,
+            store: &self.graph.store,
+            events: self.events.clone(),
+            persist: persist.clone(),
+        };
         let mut running = FuturesUnordered::new();
         let mut remote = Vec::new();
         for task in tasks.iter().filter(|t| !pending.outputs.contains_key(&t.id)) {
@@ -735,23 +776,7 @@ impl<'a> Loop<'a> {
                 remote.push(task);
                 continue;
             }
-            let ctx = Context::new(ContextInner {
-                thread: self.thread.clone(),
-                ns: self.ns.clone(),
-                checkpoint: cur.id,
-                step: cur.step,
-                task_id: task.id.clone(),
-                node: task.node.clone(),
-                arg: task.arg.clone(),
-                attempt: 0.into(),
-                resumes: pending.resumes_of(&task.id),
-                journal: std::sync::Mutex::new(pending.journal.get(&task.id).cloned().unwrap_or_default()),
-                journal_seen: std::sync::Mutex::default(),
-                interrupts: 0.into(),
-                store: Arc::clone(&self.graph.store),
-                events: self.events.clone(),
-                persist: persist.clone(),
-            });
+            let ctx = pending.context(&scope, task);
             let state = state.clone();
             let step = self.step_ref(cur.id);
             let persist = persist.clone();
@@ -982,7 +1007,7 @@ impl<'a> Loop<'a> {
 
 /// The pending writes that record how a task ended: its output (when `output` is asked for:
 /// steps of several tasks), its interrupts, or its failure.
-fn result_writes(task: &Task, result: &TaskResult, output: bool) -> Result<Vec<PendingWrite>> {
+pub(crate) fn result_writes(task: &Task, result: &TaskResult, output: bool) -> Result<Vec<PendingWrite>> {
     Ok(match result {
         TaskResult::Done(out) if output => vec![encode(task, WriteKind::Output, "", out)?],
         TaskResult::Done(_) => Vec::new(),

@@ -9,11 +9,11 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::algo;
-use crate::checkpoint::{PendingWrite, StepRef, WriteKind, codec};
+use crate::checkpoint::{PutOutcome, StepRef};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
-use crate::node::{Context, ContextInner, Persist};
-use crate::pregel::{Interrupt, InterruptKind, interrupt_id};
+use crate::node::Persist;
+use crate::pregel::{Interrupt, InterruptKind, Pending, TaskScope, interrupt_id, result_writes};
 use crate::retry::store_call;
 use crate::runner::{self, TaskResult};
 use crate::state::State;
@@ -63,8 +63,8 @@ impl Graph {
         let step = StepRef { thread, ns: "", checkpoint: head.id };
         let stale = || Error::StaleTask { thread: thread.to_owned(), task: task_id.to_owned(), checkpoint: head.id };
         let task = algo::tasks_for("", head.id, &head.body).into_iter().find(|t| t.id == task_id).ok_or_else(stale)?;
-        let writes = store_call(|| self.store.pending_writes(step)).await?;
-        if writes.iter().any(|w| w.task == task.id && w.kind == WriteKind::Output) {
+        let pending = Pending::parse(store_call(|| self.store.pending_writes(step)).await?)?;
+        if pending.outputs.contains_key(&task.id) {
             return Ok(TaskReport::AlreadyReported);
         }
         let spec = self
@@ -72,65 +72,40 @@ impl Graph {
             .nodes
             .get(&task.node)
             .ok_or_else(|| Error::graph(&self.inner.name, format!("unknown node `{}`", task.node)))?;
-        let mut resumes = std::collections::BTreeMap::new();
-        for w in writes.iter().filter(|w| w.task == task.id && w.kind == WriteKind::Interrupt) {
-            if let Some(r) = writes.iter().find(|r| r.kind == WriteKind::Resume && r.key == w.key) {
-                let record: Value = codec::decode(&w.data)?;
-                let index = record.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
-                resumes.insert(index, codec::decode(&r.data)?);
-            }
-        }
-        let journal = writes
-            .iter()
-            .filter(|w| w.task == task.id && w.kind == WriteKind::Journal)
-            .map(|w| (w.key.clone(), w.data.clone()))
-            .collect();
-        let ctx = Context::new(ContextInner {
-            thread: thread.to_owned(),
-            ns: String::new(),
+        let scope = TaskScope {
+            thread,
+            ns: "",
             checkpoint: head.id,
             step: head.step,
-            task_id: task.id.clone(),
-            node: task.node.clone(),
-            arg: task.arg.clone(),
-            attempt: 0.into(),
-            resumes,
-            journal: std::sync::Mutex::new(journal),
-            journal_seen: std::sync::Mutex::default(),
-            interrupts: 0.into(),
-            store: Arc::clone(&self.store),
+            store: &self.store,
             events: None,
             persist: Persist::Now,
-        });
+        };
+        let ctx = pending.context(&scope, &task);
         let values = head.values.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
         let result = runner::run_task(&self.inner, spec, &task, State::new(values), ctx).await;
-        let (kind, key, data, report) = match result {
-            TaskResult::Done(output) => {
-                (WriteKind::Output, String::new(), codec::encode(&output)?, TaskReport::Accepted)
-            }
-            TaskResult::Interrupted { index, value } => {
-                let id = interrupt_id(&task.id, index);
-                let data = codec::encode(&serde_json::json!({"node": task.node, "index": index, "value": value}))?;
-                let interrupt = Interrupt { id: id.clone(), node: task.node.clone(), value, kind: InterruptKind::Node };
-                (WriteKind::Interrupt, id, data, TaskReport::Interrupted(interrupt))
-            }
+        let report = match &result {
+            TaskResult::Done(_) => TaskReport::Accepted,
+            TaskResult::Interrupted { index, value } => TaskReport::Interrupted(Interrupt {
+                id: interrupt_id(&task.id, *index),
+                node: task.node.clone(),
+                value: value.clone(),
+                kind: InterruptKind::Node,
+            }),
             TaskResult::Suspended(_) => {
                 return Err(Error::InvalidState(format!(
                     "node `{}` is a subgraph; it runs in its parent's loop",
                     task.node
                 )));
             }
-            TaskResult::Failed(error) => {
-                let data = codec::encode(&serde_json::json!({"node": task.node, "message": error.to_string()}))?;
-                let write = PendingWrite { task: task.id.clone(), kind: WriteKind::Error, key: String::new(), data };
-                store_call(|| self.store.put_writes(step, std::slice::from_ref(&write))).await?;
-                return Err(error);
-            }
+            TaskResult::Failed(_) => TaskReport::AlreadyReported,
         };
-        let write = PendingWrite { task: task.id.clone(), kind, key, data };
-        match store_call(|| self.store.put_writes(step, std::slice::from_ref(&write))).await? {
-            crate::checkpoint::PutOutcome::Accepted => Ok(report),
-            crate::checkpoint::PutOutcome::Duplicate => Ok(TaskReport::AlreadyReported),
+        let writes = result_writes(&task, &result, true)?;
+        let outcome = store_call(|| self.store.put_writes(step, &writes)).await?;
+        match (result, outcome) {
+            (TaskResult::Failed(error), _) => Err(error),
+            (_, PutOutcome::Accepted) => Ok(report),
+            (_, PutOutcome::Duplicate) => Ok(TaskReport::AlreadyReported),
         }
     }
 }
