@@ -246,11 +246,7 @@ pub(crate) fn apply_step(
         }
     }
     body.next = pulls.into_iter().map(|node| PendingTask::Pull { node }).chain(pushes).collect();
-    Ok(body_with(body, blobs))
-}
-
-fn body_with(body: CheckpointBody, blobs: Vec<ChannelBlob>) -> Applied {
-    Applied { body, blobs }
+    Ok(Applied { body, blobs })
 }
 
 /// What a subgraph changed, as writes to its parent: the new items of append channels, the

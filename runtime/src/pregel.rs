@@ -348,9 +348,7 @@ impl Graph {
         if let Some(id) = config.checkpoint {
             run.fork_from(id).await?;
         }
-        if let Some(outcome) = run.admit(input).await? {
-            return Ok(outcome);
-        }
+        run.admit(input).await?;
         let outcome = run.run().await;
         run.settle().await?;
         let outcome = outcome?;
@@ -443,8 +441,8 @@ impl<'a> Loop<'a> {
         Ok(())
     }
 
-    /// Applies the input; returns an outcome when there is nothing to run.
-    async fn admit(&mut self, input: Input) -> Result<Option<RunOutcome>> {
+    /// Applies the input (a new run's admission, or resume values).
+    async fn admit(&mut self, input: Input) -> Result<()> {
         match input {
             Input::Start(update) => {
                 if let Some(cur) = &self.current
@@ -481,7 +479,7 @@ impl<'a> Loop<'a> {
                 self.current = Some(Current { id, step, body, values, interrupt_after: false });
                 self.made_here = true;
                 self.emit_values();
-                Ok(None)
+                Ok(())
             }
             Input::Continue => {
                 if self.current.is_none() {
@@ -490,7 +488,7 @@ impl<'a> Loop<'a> {
                         self.thread
                     )));
                 }
-                Ok(None)
+                Ok(())
             }
             Input::Resume(resume) => {
                 let cur = self.current.as_ref().ok_or_else(|| Error::NotFound(format!("thread `{}`", self.thread)))?;
@@ -500,7 +498,7 @@ impl<'a> Loop<'a> {
                 if open.is_empty() {
                     if self.static_interrupt_pending(cur) {
                         self.skip_static = true;
-                        return Ok(None);
+                        return Ok(());
                     }
                     return Err(Error::InvalidState(format!(
                         "thread `{}` is not interrupted; nothing to resume",
@@ -534,7 +532,7 @@ impl<'a> Loop<'a> {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 store_call(|| self.graph.store.put_writes(self.step_ref(id), &writes)).await?;
-                Ok(None)
+                Ok(())
             }
         }
     }

@@ -319,7 +319,6 @@ async fn several_interrupts_in_one_step_are_resumed_by_id_and_finished_siblings_
 
 #[tokio::test]
 async fn static_interrupts_stop_before_and_after_nodes() {
-    let graph = chain();
     let graph = GraphBuilder::new("static")
         .channel("log", Channel::append())
         .node("a", node_fn(|_, _| async { Ok(Update::new().set("log", "a")) }))
@@ -332,8 +331,7 @@ async fn static_interrupts_stop_before_and_after_nodes() {
         .interrupt_before(["b"])
         .interrupt_after(["b"])
         .compile()
-        .unwrap()
-        .with_checkpointer(Arc::clone(graph.checkpointer()));
+        .unwrap();
     let first = graph.invoke("t", start(json!({})), &cfg()).await.unwrap();
     assert_eq!(first.interrupts()[0].kind, InterruptKind::Before);
     assert_eq!(graph.get_state("t").await.unwrap().unwrap().values.get::<Vec<String>>("log").unwrap(), ["a"]);
@@ -524,11 +522,6 @@ async fn running_from_an_older_checkpoint_forks_and_keeps_the_old_branch() {
 async fn update_state_writes_as_a_node_and_its_edges_pick_what_runs_next() {
     let graph = chain();
     let config = cfg();
-    let stopped = GraphBuilder::new("chain")
-        .channel("count", Channel::sum())
-        .channel("log", Channel::append())
-        .channel("last", Channel::last_value());
-    drop(stopped);
     done(&graph, "t", start(json!({}))).await;
     let id = graph.update_state("t", Update::new().set("log", "human"), Some("a"), &config).await.unwrap();
     let snapshot = graph.get_state("t").await.unwrap().unwrap();
