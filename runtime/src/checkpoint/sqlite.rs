@@ -646,6 +646,19 @@ impl Drop for ProcessLease {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn the_file_is_opened_in_wal_mode_with_full_sync() {
+        let dir = std::env::temp_dir().join(format!("agentic-sqlite-pragmas-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = SqliteCheckpointer::open(dir.join("p.db")).await.unwrap();
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(store.pool()).await.unwrap();
+        let sync: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(store.pool()).await.unwrap();
+        assert_eq!(mode.to_lowercase(), "wal");
+        assert_eq!(sync, 2, "synchronous=FULL");
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn this_process_is_alive_only_while_its_lease_is_held() {
         let holder = format!("{}:{}:{}:{}", ME.host, ME.pid, ME.start, "n-unit-1");
