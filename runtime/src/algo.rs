@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::channel::{ChannelKind, Reduced};
-use crate::checkpoint::{ChannelBlob, ChannelVersion, CheckpointBody, PendingTask, codec};
+use crate::checkpoint::{ChannelBlob, ChannelVersion, CheckpointBody, INLINE_MAX, PendingTask, codec};
 use crate::error::{Error, Result};
 use crate::graph::{END, GraphInner, START};
 use crate::state::{Goto, State, Update, Values};
@@ -191,24 +191,31 @@ pub(crate) fn apply_step(
         let spec = graph.channels.get(channel).ok_or_else(|| Error::channel(channel, "no such channel"))?;
         let current = values.remove(channel).map(|v| Arc::try_unwrap(v).unwrap_or_else(|shared| Value::clone(&shared)));
         let reduced = spec.reduce(channel, current, writes)?;
-        let previous = prev.versions.get(channel).map(|v| v.v);
-        let (value, blob, delta) = match (reduced, previous) {
+        // A delta extends a stored row, never an inline value.
+        let previous = prev.versions.get(channel).filter(|v| v.i.is_none()).map(|v| v.v);
+        let (value, blob, version) = match (reduced, previous) {
             (Reduced::Appended { value, items }, Some(base)) => {
                 let data = codec::encode(&items)?;
-                (value, ChannelBlob { channel: channel.to_owned(), version: new_id, base: Some(base), data }, true)
+                let blob = ChannelBlob { channel: channel.to_owned(), version: new_id, base: Some(base), data };
+                (value, Some(blob), ChannelVersion { v: new_id, d: true, i: None })
             }
             (reduced, _) => {
                 let value = reduced.into_value();
                 let data = codec::encode(&value)?;
-                (value, ChannelBlob { channel: channel.to_owned(), version: new_id, base: None, data }, false)
+                if data.len() <= INLINE_MAX {
+                    (value.clone(), None, ChannelVersion { v: new_id, d: false, i: Some(value) })
+                } else {
+                    let blob = ChannelBlob { channel: channel.to_owned(), version: new_id, base: None, data };
+                    (value, Some(blob), ChannelVersion { v: new_id, d: false, i: None })
+                }
             }
         };
         if spec.is_ephemeral() {
             body.fresh.push(channel.to_owned());
         }
         values.insert(channel.to_owned(), Arc::new(value));
-        body.versions.insert(channel.to_owned(), ChannelVersion { v: new_id, d: delta });
-        blobs.push(blob);
+        body.versions.insert(channel.to_owned(), version);
+        blobs.extend(blob);
     }
     for channel in &prev.fresh {
         if !body.fresh.contains(channel) {
@@ -345,13 +352,33 @@ mod tests {
         let g = &graph.inner;
         let mut values = Values::new();
         let w = |v: Value| TaskOutput { writes: vec![("items".into(), v)], goto: vec![] };
-        let first = apply_step(g, &CheckpointBody::default(), &mut values, &[("x", &w(json!("a")))], 1).unwrap();
+        let big = "a".repeat(INLINE_MAX);
+        let first = apply_step(g, &CheckpointBody::default(), &mut values, &[("x", &w(json!(big)))], 1).unwrap();
         assert_eq!(first.blobs[0].base, None);
         let second = apply_step(g, &first.body, &mut values, &[("x", &w(json!("b")))], 2).unwrap();
         assert_eq!(second.blobs[0].base, Some(1));
         assert_eq!(codec::decode::<Value>(&second.blobs[0].data).unwrap(), json!(["b"]));
         assert!(second.body.versions["items"].d);
-        assert_eq!(*values["items"], json!(["a", "b"]));
+        assert_eq!(*values["items"], json!([big, "b"]));
+    }
+
+    #[test]
+    fn small_values_stay_inline_and_deltas_never_extend_them() {
+        let graph = fan_graph();
+        let g = &graph.inner;
+        let mut values = Values::new();
+        let w = |v: Value| TaskOutput { writes: vec![("items".into(), v)], goto: vec![] };
+        let first = apply_step(g, &CheckpointBody::default(), &mut values, &[("x", &w(json!("a")))], 1).unwrap();
+        assert!(first.blobs.is_empty());
+        assert_eq!(first.body.versions["items"].i, Some(json!(["a"])));
+        // Appending to an inline value stores the whole list: inline while small, then a row.
+        let second = apply_step(g, &first.body, &mut values, &[("x", &w(json!("b")))], 2).unwrap();
+        assert_eq!(second.body.versions["items"].i, Some(json!(["a", "b"])));
+        let big = "c".repeat(INLINE_MAX);
+        let third = apply_step(g, &second.body, &mut values, &[("x", &w(json!(big)))], 3).unwrap();
+        assert_eq!(third.blobs[0].base, None);
+        assert_eq!(third.body.versions["items"], ChannelVersion { v: 3, d: false, i: None });
+        assert_eq!(codec::decode::<Value>(&third.blobs[0].data).unwrap(), json!(["a", "b", big]));
     }
 
     #[test]

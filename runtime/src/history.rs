@@ -117,7 +117,7 @@ impl Graph {
             source: Source::Update,
             body: std::sync::Arc::new(applied.body),
             metadata: std::sync::Arc::new(
-                json!({"source": "update", "step": step, "as_node": as_node, "owner": lease.owner}),
+                json!({"as_node": as_node, "owner": lease.owner}),
             ),
         };
         let commit = StepCommit { thread: thread.to_owned(), ns: String::new(), checkpoint, blobs: applied.blobs };

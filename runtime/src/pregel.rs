@@ -343,7 +343,9 @@ impl Graph {
             allow_graph_change: config.allow_graph_change,
         };
         let lease = store_call(|| self.store.acquire(request.clone())).await?;
-        let head = store_call(|| self.store.load(thread, "", None)).await?;
+        // A thread with no checkpoint at all when the lease was taken has no head to load, and
+        // nobody else can add one while the lease is held.
+        let head = if lease.is_fresh() { None } else { store_call(|| self.store.load(thread, "", None)).await? };
         let mut run = Loop::new(self, Arc::new(lease), thread, String::new(), config, events, head);
         if let Some(id) = config.checkpoint {
             run.fork_from(id).await?;
@@ -430,7 +432,7 @@ impl<'a> Loop<'a> {
             source: Source::Fork,
             body: Arc::new(old.body.clone()),
             metadata: Arc::new(
-                json!({"source": "fork", "step": old.step, "forked_from": id, "owner": self.lease.owner}),
+                json!({"forked_from": id, "owner": self.lease.owner}),
             ),
         };
         self.commit_now(checkpoint, Vec::new()).await?;
@@ -472,7 +474,7 @@ impl<'a> Loop<'a> {
                     step,
                     source: Source::Input,
                     body: Arc::clone(&body),
-                    metadata: Arc::new(json!({"source": "input", "step": step, "owner": self.lease.owner})),
+                    metadata: Arc::new(json!({"owner": self.lease.owner})),
                 };
                 // Admission: the run is durable before its first node runs, whatever the durability mode.
                 self.commit_now(checkpoint, applied.blobs).await?;
@@ -662,13 +664,14 @@ impl<'a> Loop<'a> {
         let by_node: Vec<(&str, &TaskOutput)> = outputs.iter().map(|(t, o)| (t.node.as_str(), *o)).collect();
         let applied = algo::apply_step(g, &cur.body, &mut cur.values, &by_node, new_id)?;
         let after = outputs.iter().any(|(t, _)| g.interrupt_after.contains(&t.node)) && !applied.body.next.is_empty();
-        let metadata = json!({
-            "source": "loop",
-            "step": step + 1,
+        // Source and step have columns of their own; `interrupt_after` is written only when set.
+        let mut metadata = json!({
             "owner": self.lease.owner,
             "tasks": outputs.iter().map(|(t, _)| json!({"id": t.id, "node": t.node})).collect::<Vec<_>>(),
-            "interrupt_after": after,
         });
+        if after {
+            metadata["interrupt_after"] = Value::Bool(true);
+        }
         let body = Arc::new(applied.body);
         let checkpoint = NewCheckpoint {
             id: new_id,
@@ -765,6 +768,7 @@ impl<'a> Loop<'a> {
         };
         let mut running = FuturesUnordered::new();
         let mut remote = Vec::new();
+        let alone = tasks.iter().filter(|t| !pending.outputs.contains_key(&t.id)).count() == 1;
         for task in tasks.iter().filter(|t| !pending.outputs.contains_key(&t.id)) {
             let spec = g
                 .nodes
@@ -782,7 +786,7 @@ impl<'a> Loop<'a> {
             running.push(async move {
                 let result = match &spec.subgraph {
                     Some(child) => self.run_subgraph(child, task, state, subgraph_resumes).await,
-                    None => runner::run_task(g, spec, task, state, ctx).await,
+                    None => runner::run_task(g, spec, task, state, ctx, alone).await,
                 };
                 // In "exit" mode nothing is written here: settle_step records interrupts and
                 // failures once the step's checkpoint is durable.
@@ -978,6 +982,12 @@ impl<'a> Loop<'a> {
             };
             self.exit.channels.insert(blob.channel, buffered);
         }
+        // A channel now inline needs no row: forget the one an earlier step left to write.
+        for (channel, version) in &checkpoint.body.versions {
+            if version.i.is_some() {
+                self.exit.channels.remove(channel);
+            }
+        }
         self.exit.checkpoint = Some(checkpoint);
         Ok(())
     }
@@ -996,7 +1006,7 @@ impl<'a> Loop<'a> {
                 Some(_) => codec::encode(&held.items)?,
                 None => codec::encode(cur.values.get(&channel).map_or(&Value::Null, AsRef::as_ref))?,
             };
-            *version = ChannelVersion { v: held.version, d: held.base.is_some() };
+            *version = ChannelVersion { v: held.version, d: held.base.is_some(), i: None };
             blobs.push(ChannelBlob { channel, version: held.version, base: held.base, data });
         }
         self.commit_now(checkpoint, blobs).await

@@ -1,10 +1,16 @@
 //! Running one task: attempts with the node's retry policy (exponential backoff with jitter,
 //! through `backon`), a timeout per attempt, panics caught, and the update checked and routed.
+//!
+//! A task alone in its step runs on the loop's own tokio task; tasks of a larger step each get a
+//! tokio task of their own, so they run in parallel on a multi-threaded runtime.
 
+use std::any::Any;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use backon::{ExponentialBuilder, Retryable};
+use futures::FutureExt;
 use serde_json::Value;
 
 use crate::algo::{self, Task, TaskOutput};
@@ -34,13 +40,14 @@ fn backoff(policy: &RetryPolicy) -> ExponentialBuilder {
     if policy.jitter { builder.with_jitter() } else { builder }
 }
 
-/// Runs a task to its end (after retries).
+/// Runs a task to its end (after retries); `alone`: the only task of its step.
 pub(crate) async fn run_task(
     graph: &GraphInner,
     spec: &NodeSpec,
     task: &Task,
     state: State,
     ctx: Context,
+    alone: bool,
 ) -> TaskResult {
     let attempts = AtomicUsize::new(0);
     let node = Arc::clone(&spec.node);
@@ -50,18 +57,25 @@ pub(crate) async fn run_task(
         let future = node.run(state.clone(), ctx.clone());
         let timeout = spec.timeout;
         async move {
-            let handle = tokio::spawn(async move {
+            let limited = async move {
                 match timeout {
                     Some(limit) => tokio::time::timeout(limit, future)
                         .await
                         .unwrap_or_else(|_| Err(NodeError::retryable(format!("timed out after {limit:?}")))),
                     None => future.await,
                 }
-            });
-            match handle.await {
+            };
+            // Alone, the node runs right here: no spawn, no wake-up of another worker thread.
+            if alone {
+                return AssertUnwindSafe(limited)
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| Err(NodeError::fatal(format!("node panicked: {}", panic_message(&*panic)))));
+            }
+            match tokio::spawn(limited).await {
                 Ok(result) => result,
                 Err(join) if join.is_panic() => {
-                    Err(NodeError::fatal(format!("node panicked: {}", panic_message(join))))
+                    Err(NodeError::fatal(format!("node panicked: {}", panic_message(&*join.into_panic()))))
                 }
                 Err(join) => Err(NodeError::fatal(format!("node task cancelled: {join}"))),
             }
@@ -87,8 +101,7 @@ pub(crate) async fn run_task(
     }
 }
 
-fn panic_message(join: tokio::task::JoinError) -> String {
-    let payload = join.into_panic();
+fn panic_message(payload: &(dyn Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())

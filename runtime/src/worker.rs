@@ -83,7 +83,7 @@ impl Graph {
         };
         let ctx = pending.context(&scope, &task);
         let values = head.values.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
-        let result = runner::run_task(&self.inner, spec, &task, State::new(values), ctx).await;
+        let result = runner::run_task(&self.inner, spec, &task, State::new(values), ctx, true).await;
         let report = match &result {
             TaskResult::Done(_) => TaskReport::Accepted,
             TaskResult::Interrupted { index, value } => TaskReport::Interrupted(Interrupt {

@@ -70,6 +70,7 @@ conformance!(
     a_thread_is_refused_to_another_graph_unless_allowed,
     an_append_channel_of_200_deltas_materialises_the_full_list,
     namespaces_have_their_own_heads_and_checkpoints,
+    inline_values_load_beside_stored_rows_and_survive_a_prune,
 );
 
 async fn commits_a_checkpoint_and_loads_it_as_head_and_by_id(store: &dyn Checkpointer) {
@@ -337,6 +338,27 @@ async fn prune_keeps_the_newest_checkpoints_per_namespace_and_every_value_they_n
     assert_eq!(store.prune("t", 1).await.unwrap(), 4);
     assert_eq!(store.load("t", "", None).await.unwrap().unwrap().values, newest.values);
     assert_eq!(store.load("t", "sub", None).await.unwrap().unwrap().values, values(&[("m", json!(5))]));
+}
+
+async fn inline_values_load_beside_stored_rows_and_survive_a_prune(store: &dyn Checkpointer) {
+    let lease = lease(store, "t", "runner-a").await;
+    let mut chain = Chain::new("t", "");
+    for i in 1..=4 {
+        let commit = chain.next(&lease).inline("n", &json!(i)).set("doc", &json!(format!("version {i}")));
+        chain.commit(store, &lease, commit).await.unwrap();
+    }
+    // Only `n` changes: `doc` keeps naming the row of checkpoint 4.
+    let commit = chain.next(&lease).inline("n", &json!(5));
+    chain.commit(store, &lease, commit).await.unwrap();
+
+    let head = store.load("t", "", None).await.unwrap().unwrap();
+    assert_eq!(head.values, values(&[("n", json!(5)), ("doc", json!("version 4"))]));
+    assert_eq!(head.body.versions["n"].i, Some(json!(5)));
+    let second = store.load("t", "", Some(2)).await.unwrap().unwrap();
+    assert_eq!(second.values, values(&[("n", json!(2)), ("doc", json!("version 2"))]));
+
+    assert_eq!(store.prune("t", 1).await.unwrap(), 4);
+    assert_eq!(store.load("t", "", None).await.unwrap().unwrap().values, head.values);
 }
 
 async fn delete_thread_removes_the_thread_and_everything_stored_for_it(store: &dyn Checkpointer) {

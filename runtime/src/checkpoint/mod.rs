@@ -70,6 +70,11 @@ pub struct Lease {
     pub owner: String,
     /// The fencing token: commits carrying an older epoch are refused.
     pub epoch: u64,
+    /// The backend's own key for the thread (PostgreSQL: its row id), 0 when it has none: lets a
+    /// commit skip looking the thread up by name.
+    pub(crate) handle: i64,
+    /// Whether the thread had no checkpoint when the lease was taken.
+    fresh: bool,
     next_seq: AtomicU64,
     _guard: Option<Box<dyn Any + Send + Sync>>,
 }
@@ -91,15 +96,29 @@ impl Lease {
             thread: thread.to_owned(),
             owner: owner.to_owned(),
             epoch,
+            handle: 0,
+            fresh: max_seq == 0,
             next_seq: AtomicU64::new(max_seq + 1),
             _guard: guard,
         }
     }
 
+    /// Records the backend's own key for the thread.
+    pub(crate) fn with_handle(mut self, handle: i64) -> Self {
+        self.handle = handle;
+        self
+    }
+
+    /// Whether the thread had no checkpoint at all when the lease was taken: a run on it has no
+    /// head to load.
+    pub fn is_fresh(&self) -> bool {
+        self.fresh
+    }
+
     /// A copy carrying only the fencing token (thread, owner, epoch), for a commit queued to
     /// another task; dropping it releases nothing.
     pub(crate) fn fencing_copy(&self) -> Lease {
-        Lease::new(&self.thread, &self.owner, self.epoch, 0, None)
+        Lease::new(&self.thread, &self.owner, self.epoch, 0, None).with_handle(self.handle)
     }
 
     /// Allocates the id of the next checkpoint on this thread.
@@ -146,14 +165,21 @@ impl Source {
 }
 
 /// A channel's stored version, named in a checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelVersion {
     /// The id of the checkpoint that wrote this version.
     pub v: u64,
     /// Whether the stored row is a delta on an earlier version (append channels).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub d: bool,
+    /// A small whole value (at most [`INLINE_MAX`] bytes encoded) kept in the checkpoint itself:
+    /// no row of its own, so no row header and index entry of several times its size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub i: Option<Value>,
 }
+
+/// The largest encoded value a checkpoint keeps inline (see [`ChannelVersion::i`]).
+pub const INLINE_MAX: usize = 32;
 
 /// A task scheduled for the next super-step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -428,6 +454,10 @@ pub(crate) fn materialize(
 ) -> Result<BTreeMap<String, Value>> {
     let mut values = BTreeMap::new();
     for (channel, version) in &body.versions {
+        if let Some(inline) = &version.i {
+            values.insert(channel.clone(), inline.clone());
+            continue;
+        }
         let mut chain = Vec::new();
         let mut at = Some(version.v);
         while let Some(v) = at {
@@ -469,7 +499,7 @@ pub(crate) fn blobs_in_use<'a>(
 ) -> std::collections::BTreeSet<(String, u64)> {
     let mut used = std::collections::BTreeSet::new();
     for body in kept {
-        for (channel, version) in &body.versions {
+        for (channel, version) in body.versions.iter().filter(|(_, version)| version.i.is_none()) {
             let mut at = Some(version.v);
             while let Some(v) = at {
                 if !used.insert((channel.clone(), v)) {
@@ -669,9 +699,12 @@ pub(crate) struct ChannelRows {
 
 /// The blob rows a checkpoint needs, per channel as a version range: exactly its version for a
 /// whole value; for a delta every version up to it, so the chain is read in one query whatever
-/// its length (rows of other branches come along and are ignored).
+/// its length (rows of other branches come along and are ignored). Inline values have no rows.
 pub(crate) fn blob_ranges(body: &CheckpointBody) -> impl Iterator<Item = (&str, u64, u64)> {
-    body.versions.iter().map(|(channel, version)| (channel.as_str(), if version.d { 0 } else { version.v }, version.v))
+    body.versions
+        .iter()
+        .filter(|(_, version)| version.i.is_none())
+        .map(|(channel, version)| (channel.as_str(), if version.d { 0 } else { version.v }, version.v))
 }
 
 /// [`materialize`] over the rows read with [`blob_ranges`].

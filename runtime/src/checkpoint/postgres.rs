@@ -15,6 +15,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -43,6 +44,31 @@ pub struct PostgresCheckpointer {
     leases: Arc<LeaseSession>,
     /// The group committer's queue; `None` inside the committer itself.
     committer: Option<mpsc::UnboundedSender<CommitJob>>,
+    /// Commit statements in flight, direct or batched.
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a commit statement in flight while it lives.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    /// Counts one more.
+    fn enter(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        InFlight(Arc::clone(counter))
+    }
+
+    /// Counts one if none is in flight.
+    fn enter_alone(counter: &Arc<AtomicUsize>) -> Option<Self> {
+        counter.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).ok()?;
+        Some(InFlight(Arc::clone(counter)))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How many batches may be in flight at once: while one waits for its WAL flush, the next
@@ -60,7 +86,8 @@ struct CommitJob {
 
 /// Group commit: commits from every runner of this checkpointer queue here, and each committer
 /// takes all that are waiting into one statement (one round trip, one WAL flush for all). A
-/// runner still learns that its step is done only once its commit is durable.
+/// runner still learns that its step is done only once its commit is durable. A commit that finds
+/// no statement in flight skips the queue and runs its own.
 async fn group_commits(
     store: PostgresCheckpointer,
     queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<CommitJob>>>,
@@ -81,8 +108,9 @@ async fn group_commits(
             }
         }
         let batch: Vec<(&Lease, &StepCommit)> = jobs.iter().map(|j| (&j.lease, &j.commit)).collect();
+        let counted = InFlight::enter(&store.in_flight);
         let results = store.commit_batch(&batch).await;
-        drop(batch);
+        drop((counted, batch));
         for (job, result) in jobs.into_iter().zip(results) {
             let _ = job.reply.send(result);
         }
@@ -181,6 +209,7 @@ struct Verdict {
 /// One commit, as bound into the commit statement.
 struct Batch {
     thread: Vec<String>,
+    handle: Vec<Option<i64>>,
     ns: Vec<String>,
     epoch: Vec<i64>,
     id: Vec<i64>,
@@ -202,6 +231,7 @@ impl Batch {
         let blobs = commits.iter().map(|(_, c)| c.blobs.len()).sum();
         let mut batch = Batch {
             thread: Vec::with_capacity(commits.len()),
+            handle: Vec::with_capacity(commits.len()),
             ns: Vec::with_capacity(commits.len()),
             epoch: Vec::with_capacity(commits.len()),
             id: Vec::with_capacity(commits.len()),
@@ -220,6 +250,7 @@ impl Batch {
         for (n, (lease, commit)) in commits.iter().enumerate() {
             let ckpt = &commit.checkpoint;
             batch.thread.push(commit.thread.clone());
+            batch.handle.push((lease.handle != 0).then_some(lease.handle));
             batch.ns.push(commit.ns.clone());
             batch.epoch.push(lease.epoch as i64);
             batch.id.push(ckpt.id as i64);
@@ -245,8 +276,11 @@ impl Batch {
 /// with the position of their commit. Returns the positions of the commits that went through.
 ///
 /// Under READ COMMITTED:
-/// - `fenced` locks each thread row FOR SHARE and keeps the commits whose epoch is current. An
-///   acquire's epoch bump (an UPDATE) waits for this statement, and this statement waits for a
+/// - `fenced` locks each thread row FOR SHARE and keeps the commits whose epoch is current. The
+///   row is found by the lease's `tid` (by name only for a lease built by hand), in a lateral
+///   primary-key probe per commit: a join would let the generic plan, made while `threads` was
+///   small, hash it with a sequential scan for as long as the connection lives. An acquire's
+///   epoch bump (an UPDATE) waits for this statement, and this statement waits for a
 ///   bump in flight, then re-checks the epoch on the bumped row.
 /// - `moved` is the head compare-and-swap: its UPDATE waits for a concurrent commit or
 ///   `put_writes` (which holds the head row FOR SHARE) and re-checks `head = expected` on the
@@ -260,15 +294,19 @@ impl Batch {
 const COMMIT_SQL: &str = r"
 WITH input AS (
     SELECT *
-    FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::int8[],
-                $8::text[], $9::bytea[], $10::text[])
-        WITH ORDINALITY AS c(thread_id, ns, epoch, id, parent, expected, step, source, body, metadata, n)
+    FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[], $8::int8[],
+                $9::text[], $10::bytea[], $11::text[])
+        WITH ORDINALITY AS c(thread_id, handle, ns, epoch, id, parent, expected, step, source, body, metadata, n)
 ),
 fenced AS (
     SELECT c.*, t.tid
-    FROM input c JOIN threads t ON t.thread_id = c.thread_id
-    WHERE t.epoch = c.epoch
-    FOR SHARE OF t
+    FROM input c
+        CROSS JOIN LATERAL (
+            SELECT t.tid FROM threads t
+            WHERE t.tid = coalesce(c.handle, (SELECT u.tid FROM threads u WHERE u.thread_id = c.thread_id))
+                AND t.epoch = c.epoch
+            FOR SHARE
+        ) t
 ),
 moved AS (
     UPDATE heads h SET head = f.id
@@ -298,7 +336,7 @@ saved AS (
 blobs AS (
     INSERT INTO channel_values (tid, ns, channel, version, base, data)
     SELECT f.tid, f.ns, b.channel, b.version, b.base, b.data
-    FROM unnest($11::int8[], $12::text[], $13::int8[], $14::int8[], $15::bytea[])
+    FROM unnest($12::int8[], $13::text[], $14::int8[], $15::int8[], $16::bytea[])
             AS b(n, channel, version, base, data)
         JOIN won USING (n)
         JOIN fenced f USING (n)
@@ -351,8 +389,9 @@ struct Taken {
 const VERDICT_SQL: &str = r"
 SELECT c.n, t.epoch, h.head,
        EXISTS (SELECT 1 FROM checkpoints k WHERE k.tid = t.tid AND k.ns = c.ns AND k.id = c.id) AS stored
-FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS c(thread_id, ns, id, n)
-    LEFT JOIN threads t ON t.thread_id = c.thread_id
+FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) WITH ORDINALITY AS c(thread_id, ns, id, handle, n)
+    LEFT JOIN threads t
+        ON t.tid = coalesce(c.handle, (SELECT u.tid FROM threads u WHERE u.thread_id = c.thread_id))
     LEFT JOIN heads h ON h.tid = t.tid AND h.ns = c.ns
 ";
 
@@ -371,7 +410,13 @@ impl PostgresCheckpointer {
     ///
     /// Errors never repeat the URL or its password.
     pub async fn connect(url: &str) -> Result<Self> {
-        let options = PgConnectOptions::from_str(url).map_err(pg_error("connect"))?;
+        // Generic plans: every statement of the runtime is a primary-key probe or range scan,
+        // whatever the parameters, and planning the commit statement anew for each step (the
+        // server's default once it sees that array parameters change its row estimates) costs
+        // more than running it.
+        let options = PgConnectOptions::from_str(url)
+            .map_err(pg_error("connect"))?
+            .options([("plan_cache_mode", "force_generic_plan")]);
         // One connection first: it fails at once with the cause (refused, authentication...),
         // where the pool would retry until its timeout and report only that.
         let probe = options.connect().await.map_err(pg_error("connect"))?;
@@ -385,6 +430,9 @@ impl PostgresCheckpointer {
 
     /// Uses an existing pool (for example the one `#[sqlx::test]` gives), bringing the schema up
     /// to date. Lease connections are opened with the pool's connection settings.
+    ///
+    /// [`PostgresCheckpointer::connect`] also sets `plan_cache_mode=force_generic_plan` on its
+    /// connections (see there); a pool of your own commits faster with the same option.
     pub async fn from_pool(pool: PgPool) -> Result<Self> {
         MIGRATOR.run(&pool).await.map_err(|e| pg_error("migrate")(e.into()))?;
         // Lease connections only write epoch bumps, which need not wait for the WAL flush: a bump
@@ -397,7 +445,7 @@ impl PostgresCheckpointer {
             conn: tokio::sync::Mutex::new((0, None)),
             held: Mutex::default(),
         });
-        let direct = PostgresCheckpointer { pool, leases, committer: None };
+        let direct = PostgresCheckpointer { pool, leases, committer: None, in_flight: Arc::default() };
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..COMMITTERS {
@@ -482,6 +530,7 @@ impl PostgresCheckpointer {
         let b = Batch::new(todo)?;
         let won: Vec<i64> = sqlx::query_scalar(COMMIT_SQL)
             .bind(&b.thread)
+            .bind(&b.handle)
             .bind(&b.ns)
             .bind(&b.epoch)
             .bind(&b.id)
@@ -510,6 +559,7 @@ impl PostgresCheckpointer {
             .bind(refused.iter().map(|&i| todo[i].1.thread.as_str()).collect::<Vec<_>>())
             .bind(refused.iter().map(|&i| todo[i].1.ns.as_str()).collect::<Vec<_>>())
             .bind(i64s(refused.iter().map(|&i| todo[i].1.checkpoint.id)))
+            .bind(refused.iter().map(|&i| (todo[i].0.handle != 0).then_some(todo[i].0.handle)).collect::<Vec<_>>())
             .fetch_all(&self.pool)
             .await
             .map_err(pg_error("commit"))?;
@@ -645,11 +695,11 @@ impl PostgresCheckpointer {
         .map_err(pg_error("load"))?;
         let Some(LoadRow { tid, row }) = row else { return Ok(None) };
         let body = row.body()?;
-        let rows: Vec<ChannelRows> = if body.versions.is_empty() {
+        let (channels, (lo, hi)): (Vec<&str>, (Vec<i64>, Vec<i64>)) =
+            blob_ranges(&body).map(|(c, lo, hi)| (c, (lo as i64, hi as i64))).unzip();
+        let rows: Vec<ChannelRows> = if channels.is_empty() {
             Vec::new()
         } else {
-            let (channels, (lo, hi)): (Vec<&str>, (Vec<i64>, Vec<i64>)) =
-                blob_ranges(&body).map(|(c, lo, hi)| (c, (lo as i64, hi as i64))).unzip();
             sqlx::query_as(
                 // Per channel, one primary-key range scan aggregated into arrays: a long delta
                 // chain comes back as one row of three arrays rather than a thousand rows.
@@ -754,7 +804,8 @@ impl Checkpointer for PostgresCheckpointer {
         };
         let epoch = taken.epoch.unwrap_or_default() as u64;
         let guard = HeldLock { session: Arc::clone(&self.leases), key, generation };
-        Ok(Lease::new(request.thread, request.owner, epoch, max_seq, Some(Box::new(guard))))
+        let lease = Lease::new(request.thread, request.owner, epoch, max_seq, Some(Box::new(guard)));
+        Ok(lease.with_handle(taken.tid.unwrap_or_default()))
     }
 
     async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>> {
@@ -774,6 +825,11 @@ impl Checkpointer for PostgresCheckpointer {
 
     async fn commit(&self, lease: &Lease, commit: &StepCommit) -> Result<()> {
         if let Some(committer) = &self.committer {
+            // No statement in flight: no other commit to share one with, so commit here rather
+            // than hand over to a committer task (a wake-up of another worker thread each way).
+            if let Some(_counted) = InFlight::enter_alone(&self.in_flight) {
+                return self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()));
+            }
             let (reply, answer) = oneshot::channel();
             let job = CommitJob { lease: lease.fencing_copy(), commit: commit.clone(), reply };
             if committer.send(job).is_ok()

@@ -113,8 +113,17 @@ impl Commit {
         let id = self.0.checkpoint.id;
         std::sync::Arc::make_mut(&mut self.0.checkpoint.body)
             .versions
-            .insert(channel.to_owned(), ChannelVersion { v: id, d: false });
+            .insert(channel.to_owned(), ChannelVersion { v: id, d: false, i: None });
         self.0.blobs.push(ChannelBlob { channel: channel.to_owned(), version: id, base: None, data: bytes(value) });
+        self
+    }
+
+    /// Writing `channel` whole, inside the checkpoint (no row of its own).
+    pub fn inline(mut self, channel: &str, value: &Value) -> Self {
+        let id = self.0.checkpoint.id;
+        std::sync::Arc::make_mut(&mut self.0.checkpoint.body)
+            .versions
+            .insert(channel.to_owned(), ChannelVersion { v: id, d: false, i: Some(value.clone()) });
         self
     }
 
@@ -123,7 +132,7 @@ impl Commit {
         let id = self.0.checkpoint.id;
         std::sync::Arc::make_mut(&mut self.0.checkpoint.body)
             .versions
-            .insert(channel.to_owned(), ChannelVersion { v: id, d: base.is_some() });
+            .insert(channel.to_owned(), ChannelVersion { v: id, d: base.is_some(), i: None });
         self.0.blobs.push(ChannelBlob { channel: channel.to_owned(), version: id, base, data: bytes(items) });
         self
     }
