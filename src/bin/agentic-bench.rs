@@ -326,12 +326,11 @@ fn fresh_blob() -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut bytes = [0u8; BLOB_BYTES];
     blake3::Hasher::new_keyed(&SEED).update(&n.to_le_bytes()).finalize_xof().fill(&mut bytes);
-    let mut out = String::with_capacity(BLOB_BYTES * 2);
+    let mut hex = Vec::with_capacity(BLOB_BYTES * 2);
     for b in bytes {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 15)]));
+        hex.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
     }
-    out
+    String::from_utf8(hex).unwrap_or_default() // ASCII: always valid
 }
 
 /// The input of every invoke: the LangGraph script's `{"counter": 0, "messages": [], "blob": ""}`.
