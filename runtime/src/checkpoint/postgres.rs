@@ -613,6 +613,8 @@ impl PostgresCheckpointer {
                 Ok(taken) if !taken.locked => return Ok(None),
                 Ok(taken) => {
                     let outcome = match (taken.tid, taken.epoch) {
+                        // Epoch 1: the row was just inserted, under a new tid: no checkpoint yet.
+                        (Some(_), Some(1)) => Ok(0),
                         (Some(tid), Some(_)) => Self::max_seq(conn, tid).await,
                         _ => Err(Self::graph_mismatch(conn, request).await.unwrap_or_else(|err| err)),
                     };
