@@ -65,11 +65,14 @@ PG_BASE="postgres://$PGUSER@$PGHOST:$PGPORT"
 HIST_INVOKES=100
 TIMINGS=30
 PROBE_SECS=1
+# Unreported warm-up before each throughput measurement, on both sides alike.
+WARMUP=1
 MID=16
 HIGH=64
 if [[ $QUICK == 1 ]]; then
     REPS=1
     SECS=1
+    WARMUP=0.2
     HIST_INVOKES=10
     TIMINGS=5
     # Fewer concurrent threads: the quick run checks the harness, not the scaling.
@@ -243,7 +246,7 @@ START_TIME=$(date +%s)
 machine_line start
 for round in $(seq 1 "$REPS"); do
     say "=== round $round/$REPS"
-    common=(--secs "$SECS" --reps 1 --durability sync)
+    common=(--secs "$SECS" --warmup "$WARMUP" --reps 1 --durability sync)
     compare_group "$round" pg1 1 chain --saver pg "${common[@]}" -- \
         chain --backend postgres --threads 1 "${common[@]}"
     compare_group "$round" "pg$MID" "$MID" chain --saver apg --threads "$MID" "${common[@]}" -- \

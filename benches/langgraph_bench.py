@@ -250,8 +250,10 @@ def throughput(a):
     backend = "memory" if a.saver == "mem" else "postgres"
     if backend == "postgres":
         pg_setup(a.dsn)
-    for rep in range(1, a.reps + 1):
-        log(f"{a.case} {a.saver} threads={a.threads} rep {rep}/{a.reps}")
+    # Rep 0 warms up (imports, allocator, pool, prepared statements) and is not reported.
+    for rep in range(0 if a.warmup > 0 else 1, a.reps + 1):
+        run_secs = min(a.warmup, a.secs) if rep == 0 else a.secs
+        log(f"{a.case} {a.saver} threads={a.threads} " + (f"rep {rep}/{a.reps}" if rep else f"warm-up {run_secs}s"))
         hooks = Hooks()
         prefix = f"lg{os.getpid()}-{rep}-{time.time_ns()}"
         before = None
@@ -260,15 +262,17 @@ def throughput(a):
             before = wal_snapshot(a.dsn)
         if a.saver == "mem":
             graph = builder_for(a.case, hooks).compile(checkpointer=InMemorySaver())
-            invokes, secs, lat = loop_sync(graph, a.case, a.secs, a.durability, prefix)
+            invokes, secs, lat = loop_sync(graph, a.case, run_secs, a.durability, prefix)
         elif a.saver == "pg":
             from psycopg.rows import dict_row
             from langgraph.checkpoint.postgres import PostgresSaver
             with pg_connect(a.dsn, prepare_threshold=0, row_factory=dict_row) as conn:
                 graph = builder_for(a.case, hooks).compile(checkpointer=PostgresSaver(conn))
-                invokes, secs, lat = loop_sync(graph, a.case, a.secs, a.durability, prefix)
+                invokes, secs, lat = loop_sync(graph, a.case, run_secs, a.durability, prefix)
         else:
-            invokes, secs, lat = asyncio.run(run_apg(a, hooks, prefix))
+            invokes, secs, lat = asyncio.run(run_apg(a, hooks, prefix, run_secs))
+        if rep == 0:
+            continue
         steps = hooks.nodes
         ms_per_sync, wal = (wal_delta(a.dsn, before, steps, secs) if before is not None else (None, None))
         inv_s = invokes / secs
@@ -288,7 +292,7 @@ def throughput(a):
         print(json.dumps(line), flush=True)
 
 
-async def run_apg(a, hooks, prefix):
+async def run_apg(a, hooks, prefix, secs):
     from psycopg.rows import dict_row
     from psycopg_pool import AsyncConnectionPool
     from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
@@ -297,7 +301,7 @@ async def run_apg(a, hooks, prefix):
                                            "row_factory": dict_row}) as pool:
         await pool.wait()
         graph = builder_for(a.case, hooks).compile(checkpointer=AsyncPostgresSaver(pool))
-        return await loop_async(graph, a.case, a.threads, a.secs, a.durability, prefix)
+        return await loop_async(graph, a.case, a.threads, secs, a.durability, prefix)
 
 
 def versions():
@@ -411,6 +415,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1, help="concurrent workers (apg only)")
     ap.add_argument("--secs", type=float, default=10.0, help="seconds per repetition")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of unreported warm-up before the reps")
     ap.add_argument("--durability", choices=["sync", "async", "exit"], default="sync")
     ap.add_argument("--invokes", type=int, default=100, help="chain invokes on the one thread (resume, storage)")
     ap.add_argument("--timings", type=int, default=30, help="timings per operation (resume)")

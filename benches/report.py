@@ -196,7 +196,9 @@ def render(run, rows):
     md.append("## Throughput (node-steps per second)\n")
     md.append("A node-step is one node execution (the chain: 10 per invoke; the fan-out: fan + 8 workers + join = 10). "
               "Every invoke runs on a fresh thread; durability sync (each step's checkpoint committed before the next "
-              "step). pgbench: one 1 KiB row INSERTed per transaction, `-M prepared`, as many clients as threads. "
+              "step). Both harnesses run an unreported warm-up (1 s; 0.2 s with `--quick`) of the same workload "
+              "in the same process before the measurement. pgbench: one 1 KiB row INSERTed per transaction, "
+              "`-M prepared`, as many clients as threads. "
               "Figures are medians over the rounds of the regime; ratios are medians of per-round ratios.\n")
     md.append("| case | backend | threads | fsync regime | rounds | ours steps/s | LangGraph steps/s | pgbench tps "
               "| ours / LangGraph | ours / pgbench | ms per WAL sync (ours / LangGraph / pgbench) "
