@@ -116,9 +116,7 @@ impl Graph {
             step,
             source: Source::Update,
             body: std::sync::Arc::new(applied.body),
-            metadata: std::sync::Arc::new(
-                json!({"as_node": as_node, "owner": lease.owner}),
-            ),
+            metadata: std::sync::Arc::new(json!({"as_node": as_node, "owner": lease.owner})),
         };
         let commit = StepCommit { thread: thread.to_owned(), ns: String::new(), checkpoint, blobs: applied.blobs };
         store_call(|| self.store.commit(&lease, &commit)).await?;

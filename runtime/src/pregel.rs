@@ -431,9 +431,7 @@ impl<'a> Loop<'a> {
             step: old.step,
             source: Source::Fork,
             body: Arc::new(old.body.clone()),
-            metadata: Arc::new(
-                json!({"forked_from": id, "owner": self.lease.owner}),
-            ),
+            metadata: Arc::new(json!({"forked_from": id, "owner": self.lease.owner})),
         };
         self.commit_now(checkpoint, Vec::new()).await?;
         let mut current = Current::from_stored(old);

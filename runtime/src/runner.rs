@@ -67,10 +67,9 @@ pub(crate) async fn run_task(
             };
             // Alone, the node runs right here: no spawn, no wake-up of another worker thread.
             if alone {
-                return AssertUnwindSafe(limited)
-                    .catch_unwind()
-                    .await
-                    .unwrap_or_else(|panic| Err(NodeError::fatal(format!("node panicked: {}", panic_message(&*panic)))));
+                return AssertUnwindSafe(limited).catch_unwind().await.unwrap_or_else(|panic| {
+                    Err(NodeError::fatal(format!("node panicked: {}", panic_message(&*panic))))
+                });
             }
             match tokio::spawn(limited).await {
                 Ok(result) => result,
