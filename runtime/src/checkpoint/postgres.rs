@@ -312,7 +312,7 @@ moved AS (
     UPDATE heads h SET head = f.id
     FROM fenced f
     WHERE h.tid = f.tid AND h.ns = f.ns AND h.head = f.expected
-    RETURNING f.n
+    RETURNING f.*
 ),
 born AS (
     INSERT INTO heads (tid, ns, head)
@@ -321,38 +321,34 @@ born AS (
     RETURNING tid, ns
 ),
 won AS (
-    SELECT n FROM moved
+    SELECT * FROM moved
     UNION ALL
-    SELECT f.n FROM born b JOIN fenced f ON f.tid = b.tid AND f.ns = b.ns
+    SELECT f.* FROM born b JOIN fenced f ON f.tid = b.tid AND f.ns = b.ns
 ),
 saved AS (
     INSERT INTO checkpoints (tid, ns, id, parent, step, source, body, metadata)
-    SELECT f.tid, f.ns, f.id, f.parent, f.step, f.source, f.body, f.metadata::jsonb
-    FROM fenced f JOIN won USING (n)
+    SELECT w.tid, w.ns, w.id, w.parent, w.step, w.source, w.body, w.metadata::jsonb
+    FROM won w
     ON CONFLICT (tid, ns, id) DO UPDATE
     SET parent = excluded.parent, step = excluded.step, source = excluded.source, body = excluded.body,
         metadata = excluded.metadata, created_at = excluded.created_at
 ),
 blobs AS (
     INSERT INTO channel_values (tid, ns, channel, version, base, data)
-    SELECT f.tid, f.ns, b.channel, b.version, b.base, b.data
+    SELECT w.tid, w.ns, b.channel, b.version, b.base, b.data
     FROM unnest($12::int8[], $13::text[], $14::int8[], $15::int8[], $16::bytea[])
             AS b(n, channel, version, base, data)
-        JOIN won USING (n)
-        JOIN fenced f USING (n)
+        JOIN won w USING (n)
     ON CONFLICT (tid, ns, channel, version) DO UPDATE SET base = excluded.base, data = excluded.data
 ),
 folded AS (
-    DELETE FROM writes w
-    USING (
-        SELECT f.tid, f.ns, f.parent AS checkpoint FROM fenced f JOIN won USING (n)
-        UNION
-        SELECT f.tid, f.ns, k.parent
-        FROM fenced f
-            JOIN won USING (n)
-            JOIN checkpoints k ON k.tid = f.tid AND k.ns = f.ns AND k.id = f.expected
-    ) d
-    WHERE w.tid = d.tid AND w.ns = d.ns AND w.checkpoint = d.checkpoint
+    DELETE FROM writes x
+    USING won w
+    WHERE x.tid = w.tid AND x.ns = w.ns
+        AND x.checkpoint IN (
+            w.parent,
+            (SELECT k.parent FROM checkpoints k WHERE k.tid = w.tid AND k.ns = w.ns AND k.id = w.expected)
+        )
 )
 SELECT n FROM won
 ";
@@ -410,13 +406,14 @@ impl PostgresCheckpointer {
     ///
     /// Errors never repeat the URL or its password.
     pub async fn connect(url: &str) -> Result<Self> {
-        // Generic plans: every statement of the runtime is a primary-key probe or range scan,
-        // whatever the parameters, and planning the commit statement anew for each step (the
-        // server's default once it sees that array parameters change its row estimates) costs
-        // more than running it.
+        // Every statement of the runtime is a key probe or a key-range scan, whatever its
+        // parameters. Generic plans: planning the commit statement anew for each step (the
+        // server's default once array parameters change its row estimates) cost more than running
+        // it. No sequential scans: a generic plan made while a table was nearly empty (a new
+        // deployment) would otherwise scan it whole on every commit as it grows.
         let options = PgConnectOptions::from_str(url)
             .map_err(pg_error("connect"))?
-            .options([("plan_cache_mode", "force_generic_plan")]);
+            .options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")]);
         // One connection first: it fails at once with the cause (refused, authentication...),
         // where the pool would retry until its timeout and report only that.
         let probe = options.connect().await.map_err(pg_error("connect"))?;
@@ -424,6 +421,10 @@ impl PostgresCheckpointer {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
+            // No ping before each use: it is a round trip of its own before every statement. A
+            // connection that died while idle fails its statement with a connection error, which
+            // is transient: the call is retried (`retry::store_call`) on a fresh connection.
+            .test_before_acquire(false)
             .connect_lazy_with(options);
         Self::from_pool(pool).await
     }
@@ -431,8 +432,9 @@ impl PostgresCheckpointer {
     /// Uses an existing pool (for example the one `#[sqlx::test]` gives), bringing the schema up
     /// to date. Lease connections are opened with the pool's connection settings.
     ///
-    /// [`PostgresCheckpointer::connect`] also sets `plan_cache_mode=force_generic_plan` on its
-    /// connections (see there); a pool of your own commits faster with the same option.
+    /// [`PostgresCheckpointer::connect`] also sets `plan_cache_mode=force_generic_plan` and
+    /// `enable_seqscan=off` on its connections (see there); a pool of your own commits faster with
+    /// the same options.
     pub async fn from_pool(pool: PgPool) -> Result<Self> {
         MIGRATOR.run(&pool).await.map_err(|e| pg_error("migrate")(e.into()))?;
         // Lease connections only write epoch bumps, which need not wait for the WAL flush: a bump
