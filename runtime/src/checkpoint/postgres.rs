@@ -46,6 +46,38 @@ pub struct PostgresCheckpointer {
     committer: Option<mpsc::UnboundedSender<CommitJob>>,
     /// Commit statements in flight, direct or batched.
     in_flight: Arc<AtomicUsize>,
+    /// Idle connections kept for commit statements (see [`CommitConnections`]).
+    commit_conns: Arc<CommitConnections>,
+}
+
+/// Connections of the commit statement, kept out of the pool: sqlx pings every pooled connection
+/// when it is returned (a round trip, and server work, per statement), which the hot path of a
+/// step should not pay. A connection goes back only after a statement that completed; any error
+/// drops it, so a broken or interrupted session is never reused.
+#[derive(Default)]
+struct CommitConnections {
+    idle: Mutex<Vec<PgConnection>>,
+}
+
+/// More idle commit connections than this are closed: commit statements in flight are at most
+/// the committers and one direct commit, unless callers use `commit_batch` themselves.
+const IDLE_COMMIT_CONNECTIONS: usize = COMMITTERS + 2;
+
+impl CommitConnections {
+    async fn take(&self, pool: &PgPool) -> Result<PgConnection> {
+        let idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        match idle {
+            Some(conn) => Ok(conn),
+            None => pool.connect_options().connect().await.map_err(pg_error("commit")),
+        }
+    }
+
+    fn give_back(&self, conn: PgConnection) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < IDLE_COMMIT_CONNECTIONS {
+            idle.push(conn);
+        }
+    }
 }
 
 /// Counts a commit statement in flight while it lives.
@@ -447,7 +479,13 @@ impl PostgresCheckpointer {
             conn: tokio::sync::Mutex::new((0, None)),
             held: Mutex::default(),
         });
-        let direct = PostgresCheckpointer { pool, leases, committer: None, in_flight: Arc::default() };
+        let direct = PostgresCheckpointer {
+            pool,
+            leases,
+            committer: None,
+            in_flight: Arc::default(),
+            commit_conns: Arc::default(),
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let queue = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..COMMITTERS {
@@ -530,6 +568,7 @@ impl PostgresCheckpointer {
     /// Runs the commit statement, then explains the refusals. `None`: try again.
     async fn run_commit(&self, todo: &[(&Lease, &StepCommit)]) -> Result<Vec<Option<Result<()>>>> {
         let b = Batch::new(todo)?;
+        let mut conn = self.commit_conns.take(&self.pool).await?;
         let won: Vec<i64> = sqlx::query_scalar(COMMIT_SQL)
             .bind(&b.thread)
             .bind(&b.handle)
@@ -547,9 +586,10 @@ impl PostgresCheckpointer {
             .bind(&b.blob_version)
             .bind(&b.blob_base)
             .bind(&b.blob_data)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut conn)
             .await
             .map_err(pg_error("commit"))?;
+        self.commit_conns.give_back(conn);
         let won: HashSet<usize> = won.into_iter().map(|n| n as usize - 1).collect();
         let mut outcomes: Vec<Option<Result<()>>> =
             (0..todo.len()).map(|i| won.contains(&i).then_some(Ok(()))).collect();
