@@ -659,6 +659,50 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[tokio::test]
+    async fn moving_channel_values_to_a_rowid_table_keeps_the_rows_and_the_key() {
+        let dir = std::env::temp_dir().join(format!("agentic-sqlite-migrate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.db");
+        // A file at the first migration, with one stored value.
+        {
+            let options = SqliteConnectOptions::new().filename(&path).create_if_missing(true);
+            let pool = SqlitePool::connect_with(options).await.unwrap();
+            let first = sqlx::migrate::Migrator {
+                migrations: std::borrow::Cow::Owned(vec![MIGRATOR.migrations[0].clone()]),
+                ..sqlx::migrate::Migrator::DEFAULT
+            };
+            first.run(&pool).await.unwrap();
+            sqlx::query("INSERT INTO channel_values (tid, ns, channel, version, base, data) VALUES (1, '', 'c', 7, NULL, x'01')")
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        let store = SqliteCheckpointer::open(&path).await.unwrap();
+        let rows: Vec<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT version, data FROM channel_values").fetch_all(store.pool()).await.unwrap();
+        assert_eq!(rows, vec![(7, vec![1])]);
+        let table: String = sqlx::query_scalar("SELECT sql FROM sqlite_master WHERE name = 'channel_values'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert!(!table.to_uppercase().contains("WITHOUT ROWID"), "{table}");
+        // The key still decides conflicts.
+        sqlx::query(
+            "INSERT INTO channel_values (tid, ns, channel, version, base, data) VALUES (1, '', 'c', 7, NULL, x'02')
+             ON CONFLICT (tid, ns, channel, version) DO UPDATE SET data = excluded.data",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        let data: Vec<u8> =
+            sqlx::query_scalar("SELECT data FROM channel_values").fetch_one(store.pool()).await.unwrap();
+        assert_eq!(data, vec![2]);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn this_process_is_alive_only_while_its_lease_is_held() {
         let holder = format!("{}:{}:{}:{}", ME.host, ME.pid, ME.start, "n-unit-1");
