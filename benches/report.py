@@ -8,6 +8,7 @@ median over the rounds of one regime is reported.
 """
 import argparse
 import json
+import os
 import statistics
 from collections import defaultdict
 
@@ -343,6 +344,12 @@ def render(run, rows):
                 md.append(f"| {b['statement']} | {fmt(b['per_node_step'], 3)} | {fmt(b['per_invoke'], 2)} "
                           f"| {fmt(b['client_ms_mean'], 3)} |")
             md.append("")
+
+    levers = os.path.join(os.path.dirname(os.path.abspath(__file__)), "LEVERS.md")
+    if os.path.exists(levers):
+        md.append("## Levers\n")
+        with open(levers) as f:
+            md.append(f.read())
 
     if run.failed:
         md.append("## Failed measurements\n")
