@@ -607,6 +607,26 @@ pub(crate) fn store_error(
     Error::Checkpoint { backend, message: format!("{operation}: {detail}"), transient }
 }
 
+/// A `threads` row as both SQL backends select it: `graph_name, graph_hash, epoch, owner`.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ThreadRow {
+    pub graph_name: String,
+    pub graph_hash: String,
+    pub epoch: i64,
+    pub owner: Option<String>,
+}
+
+impl ThreadRow {
+    pub(crate) fn into_info(self, thread: &str) -> ThreadInfo {
+        ThreadInfo {
+            thread: thread.to_owned(),
+            graph: GraphIdentity { name: self.graph_name, hash: self.graph_hash },
+            epoch: self.epoch as u64,
+            owner: self.owner,
+        }
+    }
+}
+
 /// A checkpoint row as both SQL backends select it.
 #[derive(sqlx::FromRow)]
 pub(crate) struct CheckpointRow {

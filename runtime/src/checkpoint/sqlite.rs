@@ -20,8 +20,8 @@ use sqlx::{Sqlite, Transaction};
 
 use super::{
     ChannelRows, CheckpointMeta, CheckpointRow, Checkpointer, GraphIdentity, Lease, LeaseRequest, ListFilter, MetaRow,
-    PendingWrite, PutOutcome, StepCommit, StepRef, StoredCheckpoint, ThreadInfo, WriteRow, blob_ranges, blobs_to_keep,
-    materialize_rows, stale_task, store_error, unix_micros,
+    PendingWrite, PutOutcome, StepCommit, StepRef, StoredCheckpoint, ThreadInfo, ThreadRow, WriteRow, blob_ranges,
+    blobs_to_keep, materialize_rows, stale_task, store_error, unix_micros,
 };
 use crate::error::{Error, Result};
 
@@ -175,18 +175,13 @@ impl Checkpointer for SqliteCheckpointer {
     }
 
     async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>> {
-        let row: Option<(String, String, i64, Option<String>)> =
+        let row: Option<ThreadRow> =
             sqlx::query_as("SELECT graph_name, graph_hash, epoch, owner FROM threads WHERE thread_id = ?1")
                 .bind(thread)
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(sqlite_error("read thread"))?;
-        Ok(row.map(|(name, hash, epoch, owner)| ThreadInfo {
-            thread: thread.to_owned(),
-            graph: GraphIdentity { name, hash },
-            epoch: epoch as u64,
-            owner,
-        }))
+        Ok(row.map(|row| row.into_info(thread)))
     }
 
     async fn commit(&self, lease: &Lease, commit: &StepCommit) -> Result<()> {
