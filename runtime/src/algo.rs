@@ -167,6 +167,16 @@ fn group<'a>(writes: impl Iterator<Item = (&'a str, Value)>) -> BTreeMap<&'a str
     grouped
 }
 
+/// Values whose encoding is certainly within [`INLINE_MAX`] bytes, known without encoding them:
+/// null, booleans, numbers (at most 9 bytes) and strings of up to 30 bytes (one header byte).
+fn obviously_small(value: &Value) -> bool {
+    match value {
+        Value::Null | Value::Bool(_) | Value::Number(_) => true,
+        Value::String(s) => s.len() < INLINE_MAX - 1,
+        Value::Array(_) | Value::Object(_) => false,
+    }
+}
+
 /// A step applied: the next checkpoint's body and the channel versions it stores.
 #[derive(Debug)]
 pub(crate) struct Applied {
@@ -189,7 +199,11 @@ pub(crate) fn apply_step(
     let mut blobs = Vec::with_capacity(grouped.len());
     for (channel, writes) in grouped {
         let spec = graph.channels.get(channel).ok_or_else(|| Error::channel(channel, "no such channel"))?;
-        let current = values.remove(channel).map(|v| Arc::try_unwrap(v).unwrap_or_else(|shared| Value::clone(&shared)));
+        // The key comes back out with the value and goes back in with the new one: no new String.
+        let (key, current) = match values.remove_entry(channel) {
+            Some((key, v)) => (key, Some(Arc::try_unwrap(v).unwrap_or_else(|shared| Value::clone(&shared)))),
+            None => (channel.to_owned(), None),
+        };
         let reduced = spec.reduce(channel, current, writes)?;
         // A delta extends a stored row, never an inline value.
         let previous = prev.versions.get(channel).filter(|v| v.i.is_none()).map(|v| v.v);
@@ -201,20 +215,26 @@ pub(crate) fn apply_step(
             }
             (reduced, _) => {
                 let value = reduced.into_value();
-                let data = codec::encode(&value)?;
-                if data.len() <= INLINE_MAX {
-                    (value.clone(), None, ChannelVersion { v: new_id, d: false, i: Some(value) })
-                } else {
-                    let blob = ChannelBlob { channel: channel.to_owned(), version: new_id, base: None, data };
-                    (value, Some(blob), ChannelVersion { v: new_id, d: false, i: None })
+                let data = if obviously_small(&value) { None } else { Some(codec::encode(&value)?) };
+                match data {
+                    Some(data) if data.len() > INLINE_MAX => {
+                        let blob = ChannelBlob { channel: channel.to_owned(), version: new_id, base: None, data };
+                        (value, Some(blob), ChannelVersion { v: new_id, d: false, i: None })
+                    }
+                    _ => (value.clone(), None, ChannelVersion { v: new_id, d: false, i: Some(value) }),
                 }
             }
         };
         if spec.is_ephemeral() {
             body.fresh.push(channel.to_owned());
         }
-        values.insert(channel.to_owned(), Arc::new(value));
-        body.versions.insert(channel.to_owned(), version);
+        values.insert(key, Arc::new(value));
+        match body.versions.get_mut(channel) {
+            Some(slot) => *slot = version,
+            None => {
+                body.versions.insert(channel.to_owned(), version);
+            }
+        }
         blobs.extend(blob);
     }
     for channel in &prev.fresh {
@@ -360,6 +380,17 @@ mod tests {
         assert_eq!(codec::decode::<Value>(&second.blobs[0].data).unwrap(), json!(["b"]));
         assert!(second.body.versions["items"].d);
         assert_eq!(*values["items"], json!([big, "b"]));
+    }
+
+    #[test]
+    fn values_judged_small_without_encoding_do_encode_within_the_inline_limit() {
+        let edge = "x".repeat(INLINE_MAX - 2);
+        for value in [json!(null), json!(true), json!(u64::MAX), json!(i64::MIN), json!(-1.5e300), json!(edge)] {
+            assert!(obviously_small(&value), "{value}");
+            assert!(codec::encode(&value).unwrap().len() <= INLINE_MAX, "{value}");
+        }
+        assert!(!obviously_small(&json!("x".repeat(INLINE_MAX - 1))));
+        assert!(!obviously_small(&json!([])));
     }
 
     #[test]
