@@ -14,7 +14,7 @@ use agentic_runtime::checkpoint::PostgresCheckpointer;
 use agentic_runtime::{Input, RunConfig, Update};
 use sqlx::postgres::PgPoolOptions;
 
-const SHAPE: ProbeShape = ProbeShape { rounds: 12, width: 3, max_pause_ms: 40, remote_workers: false, hold_ms: 0 };
+const SHAPE: ProbeShape = ProbeShape { rounds: 40, width: 3, max_pause_ms: 40, remote_workers: false, hold_ms: 0 };
 
 /// A throwaway PostgreSQL server owned by the `postgres` user, stopped on drop.
 struct PrivateServer {
