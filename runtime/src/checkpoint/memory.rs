@@ -1,5 +1,9 @@
 //! In-memory checkpointer for tests and ephemeral runs: the same semantics as the databases,
 //! nothing survives the process. Leases are released when the [`Lease`] is dropped.
+//!
+//! Checkpoint bodies and metadata are kept encoded, as the databases keep them: a decoded body
+//! and metadata hold maps whose nodes take kilobytes per checkpoint, and a store that keeps every
+//! checkpoint spends more time having the kernel zero that memory than encoding it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,7 +16,7 @@ use super::{
     CheckpointMeta, Checkpointer, GraphIdentity, Lease, LeaseRequest, ListFilter, PendingWrite, PutOutcome, StepCommit,
     StepRef, StoredCheckpoint, ThreadInfo, blobs_in_use, materialize, stale_task,
 };
-use crate::checkpoint::{CheckpointBody, NewCheckpoint};
+use crate::checkpoint::{CheckpointBody, NewCheckpoint, Source, codec};
 use crate::error::{Error, Result};
 
 /// Keeps checkpoints in process memory.
@@ -32,7 +36,7 @@ struct ThreadRec {
     owner: Option<String>,
     held: bool,
     heads: HashMap<String, u64>,
-    checkpoints: BTreeMap<(String, u64), (NewCheckpoint, SystemTime)>,
+    checkpoints: BTreeMap<(String, u64), Kept>,
     /// namespace -> channel -> version -> blob
     blobs: HashMap<String, HashMap<String, BTreeMap<u64, StoredBlob>>>,
     writes: BTreeMap<(String, u64), Vec<PendingWrite>>,
@@ -40,6 +44,37 @@ struct ThreadRec {
 
 /// A stored channel version: the version it extends (for a delta) and its bytes.
 type StoredBlob = (Option<u64>, Vec<u8>);
+
+/// A stored checkpoint, body and metadata encoded.
+struct Kept {
+    parent: Option<u64>,
+    step: u64,
+    source: Source,
+    body: Vec<u8>,
+    metadata: Vec<u8>,
+    at: SystemTime,
+}
+
+impl Kept {
+    fn new(ckpt: &NewCheckpoint) -> Result<Self> {
+        Ok(Kept {
+            parent: ckpt.parent,
+            step: ckpt.step,
+            source: ckpt.source,
+            body: codec::encode(&*ckpt.body)?,
+            metadata: codec::encode(&*ckpt.metadata)?,
+            at: SystemTime::now(),
+        })
+    }
+
+    fn body(&self) -> Result<CheckpointBody> {
+        codec::decode(&self.body)
+    }
+
+    fn metadata(&self) -> Result<Value> {
+        codec::decode(&self.metadata)
+    }
+}
 
 struct Release {
     store: Arc<Mutex<Store>>,
@@ -149,6 +184,7 @@ impl Checkpointer for MemoryCheckpointer {
                     found: head,
                 });
             }
+            let kept = Kept::new(ckpt)?; // before anything changes: an encoding error stores nothing
             for blob in &commit.blobs {
                 let ns = match rec.blobs.get_mut(&commit.ns) {
                     Some(ns) => ns,
@@ -160,7 +196,7 @@ impl Checkpointer for MemoryCheckpointer {
                 };
                 versions.insert(blob.version, (blob.base, blob.data.clone()));
             }
-            rec.checkpoints.insert(key, (ckpt.clone(), SystemTime::now()));
+            rec.checkpoints.insert(key, kept);
             rec.heads.insert(commit.ns.clone(), ckpt.id);
             if let Some(parent) = ckpt.parent {
                 rec.writes.remove(&(commit.ns.clone(), parent));
@@ -177,19 +213,20 @@ impl Checkpointer for MemoryCheckpointer {
     async fn load(&self, thread: &str, ns: &str, id: Option<u64>) -> Result<Option<StoredCheckpoint>> {
         let found = self.with_thread(thread, |rec| {
             let Some(id) = id.or_else(|| rec.heads.get(ns).copied()) else { return Ok(None) };
-            let Some((ckpt, at)) = rec.checkpoints.get(&(ns.to_owned(), id)) else { return Ok(None) };
+            let Some(kept) = rec.checkpoints.get(&(ns.to_owned(), id)) else { return Ok(None) };
             let blobs = rec.blobs.get(ns);
-            let values = materialize(&ckpt.body, |channel, v| blobs?.get(channel)?.get(&v).cloned())?;
+            let body = kept.body()?;
+            let values = materialize(&body, |channel, v| blobs?.get(channel)?.get(&v).cloned())?;
             Ok(Some(StoredCheckpoint {
                 id,
                 ns: ns.to_owned(),
-                parent: ckpt.parent,
-                step: ckpt.step,
-                source: ckpt.source,
-                body: CheckpointBody::clone(&ckpt.body),
+                parent: kept.parent,
+                step: kept.step,
+                source: kept.source,
+                body,
                 values,
-                metadata: Value::clone(&ckpt.metadata),
-                created_at: *at,
+                metadata: kept.metadata()?,
+                created_at: kept.at,
             }))
         })?;
         Ok(found.flatten())
@@ -197,21 +234,22 @@ impl Checkpointer for MemoryCheckpointer {
 
     async fn list(&self, thread: &str, ns: &str, filter: &ListFilter) -> Result<Vec<CheckpointMeta>> {
         let found = self.with_thread(thread, |rec| {
-            Ok(rec
-                .checkpoints
+            rec.checkpoints
                 .iter()
                 .rev()
-                .filter(|((n, id), (c, _))| n == ns && filter.admits(*id, c.source))
+                .filter(|((n, id), c)| n == ns && filter.admits(*id, c.source))
                 .take(filter.limit.unwrap_or(usize::MAX))
-                .map(|((n, id), (c, _))| CheckpointMeta {
-                    id: *id,
-                    ns: n.clone(),
-                    parent: c.parent,
-                    step: c.step,
-                    source: c.source,
-                    metadata: Value::clone(&c.metadata),
+                .map(|((n, id), c)| {
+                    Ok(CheckpointMeta {
+                        id: *id,
+                        ns: n.clone(),
+                        parent: c.parent,
+                        step: c.step,
+                        source: c.source,
+                        metadata: c.metadata()?,
+                    })
                 })
-                .collect())
+                .collect()
         })?;
         Ok(found.unwrap_or_default())
     }
@@ -264,10 +302,10 @@ impl Checkpointer for MemoryCheckpointer {
                 rec.writes.remove(key);
             }
             let mut used = std::collections::BTreeSet::new();
-            for ((ns, _), (ckpt, _)) in &rec.checkpoints {
+            for ((ns, _), kept) in &rec.checkpoints {
                 let blobs = rec.blobs.get(ns);
                 let base_of = |c: &str, v: u64| blobs?.get(c)?.get(&v).and_then(|b| b.0);
-                for (channel, v) in blobs_in_use([&*ckpt.body], base_of) {
+                for (channel, v) in blobs_in_use([&kept.body()?], base_of) {
                     used.insert((ns.clone(), channel, v));
                 }
             }
