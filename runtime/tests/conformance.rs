@@ -812,6 +812,24 @@ mod postgres_only {
     }
 
     #[sqlx::test(migrations = false)]
+    async fn connect_sets_generic_plans_and_no_sequential_scans_on_its_connections(pool: PgPool) {
+        let database = pool.connect_options().get_database().unwrap().to_owned();
+        let base = std::env::var("DATABASE_URL").unwrap();
+        let url = format!("{}/{database}", base.rsplit_once('/').unwrap().0);
+        let store = PostgresCheckpointer::connect(&url).await.unwrap();
+        let (plans, seqscan): (String, String) =
+            sqlx::query_as("SELECT current_setting('plan_cache_mode'), current_setting('enable_seqscan')")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+        assert_eq!((plans.as_str(), seqscan.as_str()), ("force_generic_plan", "off"));
+        // The pool's own connections keep the server defaults.
+        let default: String =
+            sqlx::query_scalar("SELECT current_setting('enable_seqscan')").fetch_one(&pool).await.unwrap();
+        assert_eq!(default, "on");
+    }
+
+    #[sqlx::test(migrations = false)]
     async fn connect_picks_the_backend_from_the_url(pool: PgPool) {
         let database = pool.connect_options().get_database().unwrap().to_owned();
         let base = std::env::var("DATABASE_URL").unwrap();
