@@ -766,8 +766,9 @@ impl<'a> Loop<'a> {
         };
         let mut running = FuturesUnordered::new();
         let mut remote = Vec::new();
-        let alone = tasks.iter().filter(|t| !pending.outputs.contains_key(&t.id)).count() == 1;
-        for task in tasks.iter().filter(|t| !pending.outputs.contains_key(&t.id)) {
+        let todo: Vec<&Task> = tasks.iter().filter(|t| !pending.outputs.contains_key(&t.id)).collect();
+        let alone = todo.len() == 1;
+        for task in todo {
             let spec = g
                 .nodes
                 .get(&task.node)

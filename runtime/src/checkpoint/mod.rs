@@ -70,9 +70,9 @@ pub struct Lease {
     pub owner: String,
     /// The fencing token: commits carrying an older epoch are refused.
     pub epoch: u64,
-    /// The backend's own key for the thread (PostgreSQL: its row id), 0 when it has none: lets a
+    /// The backend's own key for the thread (PostgreSQL: its row id), if it has one: lets a
     /// commit skip looking the thread up by name.
-    pub(crate) handle: i64,
+    pub(crate) handle: Option<i64>,
     /// Whether the thread had no checkpoint when the lease was taken.
     fresh: bool,
     next_seq: AtomicU64,
@@ -96,7 +96,7 @@ impl Lease {
             thread: thread.to_owned(),
             owner: owner.to_owned(),
             epoch,
-            handle: 0,
+            handle: None,
             fresh: max_seq == 0,
             next_seq: AtomicU64::new(max_seq + 1),
             _guard: guard,
@@ -104,7 +104,7 @@ impl Lease {
     }
 
     /// Records the backend's own key for the thread.
-    pub(crate) fn with_handle(mut self, handle: i64) -> Self {
+    pub(crate) fn with_handle(mut self, handle: Option<i64>) -> Self {
         self.handle = handle;
         self
     }

@@ -282,7 +282,7 @@ impl Batch {
         for (n, (lease, commit)) in commits.iter().enumerate() {
             let ckpt = &commit.checkpoint;
             batch.thread.push(commit.thread.clone());
-            batch.handle.push((lease.handle != 0).then_some(lease.handle));
+            batch.handle.push(lease.handle);
             batch.ns.push(commit.ns.clone());
             batch.epoch.push(lease.epoch as i64);
             batch.id.push(ckpt.id as i64);
@@ -601,7 +601,7 @@ impl PostgresCheckpointer {
             .bind(refused.iter().map(|&i| todo[i].1.thread.as_str()).collect::<Vec<_>>())
             .bind(refused.iter().map(|&i| todo[i].1.ns.as_str()).collect::<Vec<_>>())
             .bind(i64s(refused.iter().map(|&i| todo[i].1.checkpoint.id)))
-            .bind(refused.iter().map(|&i| (todo[i].0.handle != 0).then_some(todo[i].0.handle)).collect::<Vec<_>>())
+            .bind(refused.iter().map(|&i| todo[i].0.handle).collect::<Vec<_>>())
             .fetch_all(&self.pool)
             .await
             .map_err(pg_error("commit"))?;
@@ -849,7 +849,7 @@ impl Checkpointer for PostgresCheckpointer {
         let epoch = taken.epoch.unwrap_or_default() as u64;
         let guard = HeldLock { session: Arc::clone(&self.leases), key, generation };
         let lease = Lease::new(request.thread, request.owner, epoch, max_seq, Some(Box::new(guard)));
-        Ok(lease.with_handle(taken.tid.unwrap_or_default()))
+        Ok(lease.with_handle(taken.tid))
     }
 
     async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>> {
