@@ -610,7 +610,7 @@ mod postgres_only {
         chain.set(&store, &first, "x", &json!(1)).await;
         // A takeover in flight: the epoch bumped, not yet committed.
         let mut takeover = pool.begin().await.unwrap();
-        sqlx::query("UPDATE threads SET epoch = epoch + 1 WHERE thread_id = 't'")
+        sqlx::query("UPDATE agentic.threads SET epoch = epoch + 1 WHERE thread_id = 't'")
             .execute(&mut *takeover)
             .await
             .unwrap();
@@ -631,6 +631,49 @@ mod postgres_only {
     }
 
     #[sqlx::test(migrations = false)]
+    async fn a_store_made_before_the_agentic_schema_moves_into_it_with_its_threads(pool: PgPool) {
+        // The database as the first migration left it: the tables in `public`, one thread.
+        let first = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Owned(vec![sqlx::migrate!("../migrations/postgres").migrations[0].clone()]),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        first.run(&pool).await.unwrap();
+        sqlx::query(
+            "WITH t AS (INSERT INTO public.threads (thread_id, graph_name, graph_hash, epoch)
+                        VALUES ('t', 'support-bot', 'h1', 1) RETURNING tid),
+                  c AS (INSERT INTO public.checkpoints (tid, ns, id, parent, step, source, body, metadata)
+                        SELECT tid, '', 1, NULL, 0, 'input', convert_to('{\"versions\":{},\"next\":[]}', 'UTF8'), '{}'
+                        FROM t)
+             INSERT INTO public.heads (tid, ns, head) SELECT tid, '', 1 FROM t",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+
+        let store = store(pool.clone()).await;
+
+        let left: Vec<String> = sqlx::query_scalar(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' AND tablename <> '_sqlx_migrations'",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert!(left.is_empty(), "runtime tables left in public: {left:?}");
+        assert_eq!(store.head("t", "").await.unwrap(), Some(1));
+        assert_eq!(store.thread("t").await.unwrap().unwrap().graph, graph());
+        let listed = store.list("t", "", &ListFilter::default()).await.unwrap();
+        assert_eq!(listed.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1]);
+        let second = lease(&store, "t", "runner").await;
+        assert_eq!((second.epoch, second.next_checkpoint_id()), (2, 2));
+        // The identity sequence moved with its table: a new thread gets a new tid.
+        lease(&store, "u", "runner").await;
+        let tids: Vec<i64> =
+            sqlx::query_scalar("SELECT tid FROM agentic.threads ORDER BY tid").fetch_all(&pool).await.unwrap();
+        assert_eq!(tids.len(), 2);
+        assert_ne!(tids[0], tids[1]);
+    }
+
+    #[sqlx::test(migrations = false)]
     async fn a_takeover_waits_for_a_commit_in_flight_and_continues_its_ids(pool: PgPool) {
         let store = store(pool.clone()).await;
         let first = lease(&store, "t", "runner-a").await;
@@ -638,7 +681,10 @@ mod postgres_only {
         drop(first);
         // The old holder's commit of checkpoint 2, in flight: it holds the thread row FOR SHARE.
         let mut in_flight = pool.begin().await.unwrap();
-        sqlx::query("SELECT 1 FROM threads WHERE thread_id = 't' FOR SHARE").execute(&mut *in_flight).await.unwrap();
+        sqlx::query("SELECT 1 FROM agentic.threads WHERE thread_id = 't' FOR SHARE")
+            .execute(&mut *in_flight)
+            .await
+            .unwrap();
 
         let taking = {
             let store = store.clone();
@@ -647,11 +693,11 @@ mod postgres_only {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!taking.is_finished(), "the epoch bump waits for the commit");
         sqlx::query(
-            "WITH t AS (SELECT tid FROM threads WHERE thread_id = 't'),
-                  c AS (INSERT INTO checkpoints (tid, ns, id, parent, step, source, body, metadata)
+            "WITH t AS (SELECT tid FROM agentic.threads WHERE thread_id = 't'),
+                  c AS (INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata)
                         SELECT tid, '', 2, 1, 1, 'loop', convert_to('{\"versions\":{},\"next\":[]}', 'UTF8'), '{}'
                         FROM t)
-             UPDATE heads SET head = 2 WHERE tid = (SELECT tid FROM t) AND ns = ''",
+             UPDATE agentic.heads SET head = 2 WHERE tid = (SELECT tid FROM t) AND ns = ''",
         )
         .execute(&mut *in_flight)
         .await
@@ -672,9 +718,9 @@ mod postgres_only {
         // A put_writes on checkpoint 1 in flight: it holds the head row FOR SHARE.
         let mut racing = pool.begin().await.unwrap();
         sqlx::query(
-            "WITH h AS (SELECT h.tid FROM heads h JOIN threads t ON t.tid = h.tid
+            "WITH h AS (SELECT h.tid FROM agentic.heads h JOIN agentic.threads t ON t.tid = h.tid
                         WHERE t.thread_id = 't' AND h.ns = '' AND h.head = 1 FOR SHARE OF h)
-             INSERT INTO writes (tid, ns, checkpoint, task, kind, key, data)
+             INSERT INTO agentic.writes (tid, ns, checkpoint, task, kind, key, data)
              SELECT tid, '', 1, 'slow', 'output', '', '1'::bytea FROM h",
         )
         .execute(&mut *racing)
@@ -695,7 +741,7 @@ mod postgres_only {
 
         chain.set(&store, &lease, "x", &json!(3)).await;
         assert!(store.pending_writes(step("t", one)).await.unwrap().is_empty());
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM writes").fetch_one(&pool).await.unwrap();
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM agentic.writes").fetch_one(&pool).await.unwrap();
         assert_eq!(left, 0);
     }
 
@@ -754,7 +800,8 @@ mod postgres_only {
     async fn prune_deletes_the_channel_values_no_kept_checkpoint_needs(pool: PgPool) {
         let store = store(pool.clone()).await;
         let rows = || async {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM channel_values").fetch_one(&pool).await.unwrap();
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM agentic.channel_values").fetch_one(&pool).await.unwrap();
             n
         };
         fill_for_prune(&store).await;

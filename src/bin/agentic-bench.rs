@@ -1230,7 +1230,7 @@ impl Pg {
         }
         let tables: Option<String> = sqlx::query_scalar(
             "SELECT string_agg(format('%I.%I', schemaname, tablename), ', ')
-             FROM pg_tables WHERE schemaname = current_schema() AND tablename <> '_sqlx_migrations'",
+             FROM pg_tables WHERE schemaname = 'agentic'",
         )
         .fetch_one(&mut self.admin)
         .await?;
@@ -1280,14 +1280,13 @@ impl Pg {
 
     /// Row bytes and stored bytes of every runtime table.
     async fn table_sizes(&mut self) -> anyhow::Result<BTreeMap<String, TableSize>> {
-        let names: Vec<String> = sqlx::query_scalar(
-            "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema() AND tablename <> '_sqlx_migrations' ORDER BY 1",
-        )
-        .fetch_all(&mut self.admin)
-        .await?;
+        let names: Vec<String> =
+            sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'agentic' ORDER BY 1")
+                .fetch_all(&mut self.admin)
+                .await?;
         let mut sizes = BTreeMap::new();
         for name in names {
-            let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+            let quoted = format!("agentic.\"{}\"", name.replace('"', "\"\""));
             let (rows, rows_bytes, stored): (i64, i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
                 "SELECT count(*), coalesce(sum(pg_column_size(t.*)), 0)::int8, pg_total_relation_size('{}')::int8 FROM {quoted} t",
                 quoted.replace('\'', "''")
@@ -1342,13 +1341,13 @@ static STATEMENT_LOG: LazyLock<Mutex<HashMap<String, (u64, f64)>>> = LazyLock::n
 /// their first words.
 const STATEMENT_LABELS: &[(&str, &str)] = &[
     ("pg_try_advisory_lock", "acquire lease: advisory lock + thread epoch bump"),
-    ("SELECT max(c.id)", "acquire lease: highest checkpoint id"),
-    ("INSERT INTO checkpoints", "commit step: fence, head CAS, checkpoint, values, folded writes"),
+    ("(SELECT max(c.id)", "acquire lease: highest checkpoint id"),
+    ("INSERT INTO agentic.checkpoints", "commit step: fence, head CAS, checkpoint, values, folded writes"),
     ("WITH target AS", "load: head checkpoint"),
-    ("FROM channel_values v", "load: channel values"),
-    ("INSERT INTO writes", "put_writes"),
-    ("JOIN writes w", "pending_writes"),
-    ("pg_advisory_unlock_all", "release lease: unlock (connection returned to the lease pool)"),
+    ("FROM agentic.channel_values v", "load: channel values"),
+    ("INSERT INTO agentic.writes", "put_writes"),
+    ("JOIN agentic.writes w", "pending_writes"),
+    ("pg_advisory_unlock(", "release lease: advisory unlock"),
 ];
 
 fn statement_label(sql: &str) -> String {

@@ -1,12 +1,11 @@
 //! PostgreSQL checkpointer: the production store, shared by every runner of a deployment.
 //!
-//! - A lease is a session-level advisory lock held on a connection of its own, which the lease
-//!   keeps to itself until dropped: a runner killed with SIGKILL loses its connections, the server
-//!   ends the sessions and the locks with them, and a restarted runner takes the thread at once.
-//!   The epoch bumped on each acquire fences the commits of a runner that lost its session but
-//!   has not noticed yet. Lease connections come from a pool of their own (never shared with
-//!   queries): a dropped lease's connection is unlocked, then reused, so an acquire does not pay
-//!   for a new connection (and its TLS handshake) each time.
+//! - Tables live in the schema `agentic`, named in every statement (no `search_path` needed);
+//!   the migrations are `migrations/postgres/`.
+//! - A lease is a session-level advisory lock, held on the checkpointer's one lease session: a
+//!   runner killed with SIGKILL loses its connections, the server ends the session and the locks
+//!   with it, and a restarted runner takes the thread at once. The epoch bumped on each acquire
+//!   fences the commits of a runner that lost its session but has not noticed yet.
 //! - A commit is one SQL statement (one round trip): fence, head compare-and-swap, checkpoint,
 //!   channel values and folding of the parent's pending writes. The same statement takes a batch
 //!   of commits of different threads ([`PostgresCheckpointer::commit_batch`]).
@@ -334,20 +333,20 @@ fenced AS (
     SELECT c.*, t.tid
     FROM input c
         CROSS JOIN LATERAL (
-            SELECT t.tid FROM threads t
-            WHERE t.tid = coalesce(c.handle, (SELECT u.tid FROM threads u WHERE u.thread_id = c.thread_id))
+            SELECT t.tid FROM agentic.threads t
+            WHERE t.tid = coalesce(c.handle, (SELECT u.tid FROM agentic.threads u WHERE u.thread_id = c.thread_id))
                 AND t.epoch = c.epoch
             FOR SHARE
         ) t
 ),
 moved AS (
-    UPDATE heads h SET head = f.id
+    UPDATE agentic.heads h SET head = f.id
     FROM fenced f
     WHERE h.tid = f.tid AND h.ns = f.ns AND h.head = f.expected
     RETURNING f.*
 ),
 born AS (
-    INSERT INTO heads (tid, ns, head)
+    INSERT INTO agentic.heads (tid, ns, head)
     SELECT f.tid, f.ns, f.id FROM fenced f WHERE f.expected IS NULL
     ON CONFLICT DO NOTHING
     RETURNING tid, ns
@@ -358,7 +357,7 @@ won AS (
     SELECT f.* FROM born b JOIN fenced f ON f.tid = b.tid AND f.ns = b.ns
 ),
 saved AS (
-    INSERT INTO checkpoints (tid, ns, id, parent, step, source, body, metadata)
+    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata)
     SELECT w.tid, w.ns, w.id, w.parent, w.step, w.source, w.body, w.metadata::jsonb
     FROM won w
     ON CONFLICT (tid, ns, id) DO UPDATE
@@ -366,7 +365,7 @@ saved AS (
         metadata = excluded.metadata, created_at = excluded.created_at
 ),
 blobs AS (
-    INSERT INTO channel_values (tid, ns, channel, version, base, data)
+    INSERT INTO agentic.channel_values (tid, ns, channel, version, base, data)
     SELECT w.tid, w.ns, b.channel, b.version, b.base, b.data
     FROM unnest($12::int8[], $13::text[], $14::int8[], $15::int8[], $16::bytea[])
             AS b(n, channel, version, base, data)
@@ -374,12 +373,12 @@ blobs AS (
     ON CONFLICT (tid, ns, channel, version) DO UPDATE SET base = excluded.base, data = excluded.data
 ),
 folded AS (
-    DELETE FROM writes x
+    DELETE FROM agentic.writes x
     USING won w
     WHERE x.tid = w.tid AND x.ns = w.ns
         AND x.checkpoint IN (
             w.parent,
-            (SELECT k.parent FROM checkpoints k WHERE k.tid = w.tid AND k.ns = w.ns AND k.id = w.expected)
+            (SELECT k.parent FROM agentic.checkpoints k WHERE k.tid = w.tid AND k.ns = w.ns AND k.id = w.expected)
         )
 )
 SELECT n FROM won
@@ -394,7 +393,7 @@ WITH lock AS (
     SELECT pg_try_advisory_lock($6) AS locked
 ),
 bumped AS (
-    INSERT INTO threads (thread_id, graph_name, graph_hash, owner, epoch)
+    INSERT INTO agentic.threads (thread_id, graph_name, graph_hash, owner, epoch)
     SELECT $1, $2, $3, $4, 1 FROM lock WHERE locked
     ON CONFLICT (thread_id) DO UPDATE
     SET epoch = threads.epoch + 1, owner = excluded.owner, updated_at = now(),
@@ -416,11 +415,11 @@ struct Taken {
 /// Why commits were refused: each one's thread epoch, head, and whether its checkpoint exists.
 const VERDICT_SQL: &str = r"
 SELECT c.n, t.epoch, h.head,
-       EXISTS (SELECT 1 FROM checkpoints k WHERE k.tid = t.tid AND k.ns = c.ns AND k.id = c.id) AS stored
+       EXISTS (SELECT 1 FROM agentic.checkpoints k WHERE k.tid = t.tid AND k.ns = c.ns AND k.id = c.id) AS stored
 FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) WITH ORDINALITY AS c(thread_id, ns, id, handle, n)
-    LEFT JOIN threads t
-        ON t.tid = coalesce(c.handle, (SELECT u.tid FROM threads u WHERE u.thread_id = c.thread_id))
-    LEFT JOIN heads h ON h.tid = t.tid AND h.ns = c.ns
+    LEFT JOIN agentic.threads t
+        ON t.tid = coalesce(c.handle, (SELECT u.tid FROM agentic.threads u WHERE u.thread_id = c.thread_id))
+    LEFT JOIN agentic.heads h ON h.tid = t.tid AND h.ns = c.ns
 ";
 
 /// What a refused commit turned out to be.
@@ -696,8 +695,8 @@ impl PostgresCheckpointer {
     /// bump waited for is visible to it (a statement's snapshot predates its waits).
     async fn max_seq(conn: &mut PgConnection, tid: i64) -> Result<u64> {
         let max_seq: i64 = sqlx::query_scalar(
-            "SELECT coalesce(max((SELECT max(c.id) FROM checkpoints c WHERE c.tid = h.tid AND c.ns = h.ns)), 0)::int8
-             FROM heads h WHERE h.tid = $1",
+            "SELECT coalesce(max((SELECT max(c.id) FROM agentic.checkpoints c WHERE c.tid = h.tid AND c.ns = h.ns)), 0)::int8
+             FROM agentic.heads h WHERE h.tid = $1",
         )
         .bind(tid)
         .fetch_one(conn)
@@ -708,7 +707,7 @@ impl PostgresCheckpointer {
 
     async fn graph_mismatch(conn: &mut PgConnection, request: &LeaseRequest<'_>) -> Result<Error> {
         let stored: Option<(String, String)> =
-            sqlx::query_as("SELECT graph_name, graph_hash FROM threads WHERE thread_id = $1")
+            sqlx::query_as("SELECT graph_name, graph_hash FROM agentic.threads WHERE thread_id = $1")
                 .bind(request.thread)
                 .fetch_optional(conn)
                 .await
@@ -724,12 +723,12 @@ impl PostgresCheckpointer {
             // The target is computed first so the checkpoint is one primary-key probe, whatever
             // the planner's statistics say.
             "WITH target AS (
-                SELECT t.tid, coalesce($3, (SELECT h.head FROM heads h WHERE h.tid = t.tid AND h.ns = $2)) AS id
-                FROM threads t WHERE t.thread_id = $1
+                SELECT t.tid, coalesce($3, (SELECT h.head FROM agentic.heads h WHERE h.tid = t.tid AND h.ns = $2)) AS id
+                FROM agentic.threads t WHERE t.thread_id = $1
              )
              SELECT c.tid, c.id, c.parent, c.step, c.source, c.body, c.metadata::text AS metadata,
                     (extract(epoch FROM c.created_at) * 1000000)::int8 AS created_us
-             FROM target JOIN checkpoints c ON c.tid = target.tid AND c.ns = $2 AND c.id = target.id",
+             FROM target JOIN agentic.checkpoints c ON c.tid = target.tid AND c.ns = $2 AND c.id = target.id",
         )
         .bind(thread)
         .bind(ns)
@@ -753,7 +752,7 @@ impl PostgresCheckpointer {
                         SELECT coalesce(array_agg(v.version), '{}') AS versions,
                                coalesce(array_agg(v.base), '{}') AS bases,
                                coalesce(array_agg(v.data), '{}') AS data
-                        FROM channel_values v
+                        FROM agentic.channel_values v
                         WHERE v.tid = $1 AND v.ns = $2 AND v.channel = k.channel AND v.version BETWEEN k.lo AND k.hi
                     ) v",
             )
@@ -835,11 +834,12 @@ impl Checkpointer for PostgresCheckpointer {
     async fn acquire(&self, request: LeaseRequest<'_>) -> Result<Lease> {
         let key = lease_key(request.thread);
         let Some((taken, max_seq, generation)) = self.take(&request, key).await? else {
-            let owner: Option<Option<String>> = sqlx::query_scalar("SELECT owner FROM threads WHERE thread_id = $1")
-                .bind(request.thread)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(pg_error("acquire"))?;
+            let owner: Option<Option<String>> =
+                sqlx::query_scalar("SELECT owner FROM agentic.threads WHERE thread_id = $1")
+                    .bind(request.thread)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(pg_error("acquire"))?;
             return Err(Error::LeaseHeld {
                 thread: request.thread.to_owned(),
                 owner: owner.flatten().unwrap_or_default(),
@@ -854,7 +854,7 @@ impl Checkpointer for PostgresCheckpointer {
 
     async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>> {
         let row: Option<ThreadRow> =
-            sqlx::query_as("SELECT graph_name, graph_hash, epoch, owner FROM threads WHERE thread_id = $1")
+            sqlx::query_as("SELECT graph_name, graph_hash, epoch, owner FROM agentic.threads WHERE thread_id = $1")
                 .bind(thread)
                 .fetch_optional(&self.pool)
                 .await
@@ -883,7 +883,7 @@ impl Checkpointer for PostgresCheckpointer {
 
     async fn head(&self, thread: &str, ns: &str) -> Result<Option<u64>> {
         let head: Option<i64> = sqlx::query_scalar(
-            "SELECT h.head FROM threads t JOIN heads h ON h.tid = t.tid WHERE t.thread_id = $1 AND h.ns = $2",
+            "SELECT h.head FROM agentic.threads t JOIN agentic.heads h ON h.tid = t.tid WHERE t.thread_id = $1 AND h.ns = $2",
         )
         .bind(thread)
         .bind(ns)
@@ -905,7 +905,7 @@ impl Checkpointer for PostgresCheckpointer {
     async fn list(&self, thread: &str, ns: &str, filter: &ListFilter) -> Result<Vec<CheckpointMeta>> {
         let rows: Vec<MetaRow> = sqlx::query_as(
             "SELECT c.id, c.parent, c.step, c.source, c.metadata::text AS metadata
-             FROM threads t JOIN checkpoints c ON c.tid = t.tid AND c.ns = $2
+             FROM agentic.threads t JOIN agentic.checkpoints c ON c.tid = t.tid AND c.ns = $2
              WHERE t.thread_id = $1
                AND ($3::int8 IS NULL OR c.id < $3)
                AND ($4::text IS NULL OR c.source = $4)
@@ -929,12 +929,12 @@ impl Checkpointer for PostgresCheckpointer {
         // moved. The first write of a (task, kind, key) wins.
         let (current, saved): (i64, i64) = sqlx::query_as(
             "WITH step AS (
-                SELECT h.tid FROM threads t JOIN heads h ON h.tid = t.tid
+                SELECT h.tid FROM agentic.threads t JOIN agentic.heads h ON h.tid = t.tid
                 WHERE t.thread_id = $1 AND h.ns = $2 AND h.head = $3
                 FOR SHARE OF h
              ),
              saved AS (
-                INSERT INTO writes (tid, ns, checkpoint, task, kind, key, data)
+                INSERT INTO agentic.writes (tid, ns, checkpoint, task, kind, key, data)
                 SELECT s.tid, $2, $3, w.task, w.kind, w.key, w.data
                 FROM step s,
                      unnest($4::text[], $5::text[], $6::text[], $7::bytea[]) WITH ORDINALITY AS w(task, kind, key, data, i)
@@ -963,7 +963,7 @@ impl Checkpointer for PostgresCheckpointer {
     async fn pending_writes(&self, step: StepRef<'_>) -> Result<Vec<PendingWrite>> {
         let rows: Vec<WriteRow> = sqlx::query_as(
             "SELECT w.task, w.kind, w.key, w.data
-             FROM threads t JOIN writes w ON w.tid = t.tid
+             FROM agentic.threads t JOIN agentic.writes w ON w.tid = t.tid
              WHERE t.thread_id = $1 AND w.ns = $2 AND w.checkpoint = $3
              ORDER BY w.seq",
         )
@@ -981,17 +981,17 @@ impl Checkpointer for PostgresCheckpointer {
         let mut tx = self.pool.begin().await.map_err(&fail)?;
         // Deleting the thread row first makes commits in flight finish (they hold it FOR SHARE)
         // and later ones find no thread; the next statement's snapshot then sees every row.
-        let tid: Option<i64> = sqlx::query_scalar("DELETE FROM threads WHERE thread_id = $1 RETURNING tid")
+        let tid: Option<i64> = sqlx::query_scalar("DELETE FROM agentic.threads WHERE thread_id = $1 RETURNING tid")
             .bind(thread)
             .fetch_optional(&mut *tx)
             .await
             .map_err(&fail)?;
         if let Some(tid) = tid {
             sqlx::query(
-                "WITH h AS (DELETE FROM heads WHERE tid = $1),
-                      c AS (DELETE FROM checkpoints WHERE tid = $1),
-                      v AS (DELETE FROM channel_values WHERE tid = $1)
-                 DELETE FROM writes WHERE tid = $1",
+                "WITH h AS (DELETE FROM agentic.heads WHERE tid = $1),
+                      c AS (DELETE FROM agentic.checkpoints WHERE tid = $1),
+                      v AS (DELETE FROM agentic.channel_values WHERE tid = $1)
+                 DELETE FROM agentic.writes WHERE tid = $1",
             )
             .bind(tid)
             .execute(&mut *tx)
@@ -1006,7 +1006,7 @@ impl Checkpointer for PostgresCheckpointer {
         let mut tx = self.pool.begin().await.map_err(&fail)?;
         // FOR UPDATE keeps commits out (they hold the row FOR SHARE) until the blobs no kept
         // checkpoint needs are gone: a blob committed meanwhile would look unused.
-        let tid: Option<i64> = sqlx::query_scalar("SELECT tid FROM threads WHERE thread_id = $1 FOR UPDATE")
+        let tid: Option<i64> = sqlx::query_scalar("SELECT tid FROM agentic.threads WHERE thread_id = $1 FOR UPDATE")
             .bind(thread)
             .fetch_optional(&mut *tx)
             .await
@@ -1015,15 +1015,15 @@ impl Checkpointer for PostgresCheckpointer {
         let deleted: i64 = sqlx::query_scalar(
             "WITH ranked AS (
                 SELECT ns, id, row_number() OVER (PARTITION BY ns ORDER BY id DESC) AS rank
-                FROM checkpoints WHERE tid = $1
+                FROM agentic.checkpoints WHERE tid = $1
              ),
              gone AS (
-                DELETE FROM checkpoints c USING ranked r
+                DELETE FROM agentic.checkpoints c USING ranked r
                 WHERE c.tid = $1 AND c.ns = r.ns AND c.id = r.id AND r.rank > $2
                 RETURNING c.ns, c.id
              ),
              writes_gone AS (
-                DELETE FROM writes w USING gone g WHERE w.tid = $1 AND w.ns = g.ns AND w.checkpoint = g.id
+                DELETE FROM agentic.writes w USING gone g WHERE w.tid = $1 AND w.ns = g.ns AND w.checkpoint = g.id
              )
              SELECT count(*) FROM gone",
         )
@@ -1032,23 +1032,24 @@ impl Checkpointer for PostgresCheckpointer {
         .fetch_one(&mut *tx)
         .await
         .map_err(&fail)?;
-        let kept: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT ns, body FROM checkpoints WHERE tid = $1")
+        let kept: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT ns, body FROM agentic.checkpoints WHERE tid = $1")
             .bind(tid)
             .fetch_all(&mut *tx)
             .await
             .map_err(&fail)?;
         let kept =
             kept.into_iter().map(|(ns, body)| Ok((ns, super::codec::decode(&body)?))).collect::<Result<Vec<_>>>()?;
-        let deltas: Vec<(String, String, i64, i64)> =
-            sqlx::query_as("SELECT ns, channel, version, base FROM channel_values WHERE tid = $1 AND base IS NOT NULL")
-                .bind(tid)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(&fail)?;
+        let deltas: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT ns, channel, version, base FROM agentic.channel_values WHERE tid = $1 AND base IS NOT NULL",
+        )
+        .bind(tid)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(&fail)?;
         let deltas = deltas.into_iter().map(|(ns, channel, v, base)| ((ns, channel, v as u64), base as u64)).collect();
         let used = blobs_to_keep(&kept, &deltas);
         sqlx::query(
-            "DELETE FROM channel_values v
+            "DELETE FROM agentic.channel_values v
              WHERE v.tid = $1
                AND (v.ns, v.channel, v.version) NOT IN (SELECT * FROM unnest($2::text[], $3::text[], $4::int8[]))",
         )
