@@ -384,6 +384,46 @@ folded AS (
 SELECT n FROM won
 ";
 
+/// [`COMMIT_SQL`] for the commonest batch: one commit that moves an existing head (every commit
+/// of a thread but its namespace's first, whenever no other commit is in flight). Scalars
+/// instead of arrays, no `born` branch and no join from blobs to their commit: the executor has
+/// fewer nodes to set up, about 100 µs of server CPU less per commit on the benchmark machine.
+/// The same fence, compare-and-swap, inserts and fold, under the same locks; the count is 1 if
+/// the commit went through.
+const SOLO_COMMIT_SQL: &str = r"
+WITH fenced AS (
+    SELECT t.tid FROM agentic.threads t
+    WHERE t.tid = coalesce($2, (SELECT u.tid FROM agentic.threads u WHERE u.thread_id = $1)) AND t.epoch = $4
+    FOR SHARE
+),
+won AS (
+    UPDATE agentic.heads h SET head = $5
+    FROM fenced f
+    WHERE h.tid = f.tid AND h.ns = $3 AND h.head = $7
+    RETURNING h.tid
+),
+saved AS (
+    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata)
+    SELECT w.tid, $3, $5, $6, $8, $9, $10, $11::jsonb FROM won w
+    ON CONFLICT (tid, ns, id) DO UPDATE
+    SET parent = excluded.parent, step = excluded.step, source = excluded.source, body = excluded.body,
+        metadata = excluded.metadata, created_at = excluded.created_at
+),
+blobs AS (
+    INSERT INTO agentic.channel_values (tid, ns, channel, version, base, data)
+    SELECT w.tid, $3, b.channel, b.version, b.base, b.data
+    FROM won w, unnest($12::text[], $13::int8[], $14::int8[], $15::bytea[]) AS b(channel, version, base, data)
+    ON CONFLICT (tid, ns, channel, version) DO UPDATE SET base = excluded.base, data = excluded.data
+),
+folded AS (
+    DELETE FROM agentic.writes x
+    USING won w
+    WHERE x.tid = w.tid AND x.ns = $3
+        AND x.checkpoint IN ($6, (SELECT k.parent FROM agentic.checkpoints k WHERE k.tid = w.tid AND k.ns = $3 AND k.id = $7))
+)
+SELECT count(*) FROM won
+";
+
 /// Takes a thread's lock (`$6`) and, if it got it, the thread: creates it or bumps its epoch,
 /// unless another graph owns it and no change is allowed (`$5`). One round trip. The upsert
 /// works on the newest thread row (it waits for a commit holding it FOR SHARE); the highest
@@ -566,6 +606,11 @@ impl PostgresCheckpointer {
 
     /// Runs the commit statement, then explains the refusals. `None`: try again.
     async fn run_commit(&self, todo: &[(&Lease, &StepCommit)]) -> Result<Vec<Option<Result<()>>>> {
+        if let [(lease, commit)] = todo
+            && let Some(expected) = commit.checkpoint.expected_head
+        {
+            return self.run_solo_commit(lease, commit, expected).await;
+        }
         let b = Batch::new(todo)?;
         let mut conn = self.commit_conns.take(&self.pool).await?;
         let won: Vec<i64> = sqlx::query_scalar(COMMIT_SQL)
@@ -596,6 +641,56 @@ impl PostgresCheckpointer {
             return Ok(outcomes);
         }
         let refused: Vec<usize> = (0..todo.len()).filter(|i| !won.contains(i)).collect();
+        self.explain_refusals(todo, &refused, &mut outcomes).await?;
+        Ok(outcomes)
+    }
+
+    /// [`SOLO_COMMIT_SQL`]: one commit that moves an existing head.
+    async fn run_solo_commit(
+        &self,
+        lease: &Lease,
+        commit: &StepCommit,
+        expected: u64,
+    ) -> Result<Vec<Option<Result<()>>>> {
+        let ckpt = &commit.checkpoint;
+        let body = super::codec::encode(&*ckpt.body)?;
+        let metadata = serde_json::to_string(&*ckpt.metadata)?;
+        let mut conn = self.commit_conns.take(&self.pool).await?;
+        let won: i64 = sqlx::query_scalar(SOLO_COMMIT_SQL)
+            .bind(&commit.thread)
+            .bind(lease.handle)
+            .bind(&commit.ns)
+            .bind(lease.epoch as i64)
+            .bind(ckpt.id as i64)
+            .bind(ckpt.parent.map(|p| p as i64))
+            .bind(expected as i64)
+            .bind(ckpt.step as i64)
+            .bind(ckpt.source.as_str())
+            .bind(body)
+            .bind(metadata)
+            .bind(commit.blobs.iter().map(|b| b.channel.as_str()).collect::<Vec<_>>())
+            .bind(i64s(commit.blobs.iter().map(|b| b.version)))
+            .bind(commit.blobs.iter().map(|b| b.base.map(|v| v as i64)).collect::<Vec<_>>())
+            .bind(commit.blobs.iter().map(|b| b.data.as_slice()).collect::<Vec<_>>())
+            .fetch_one(&mut conn)
+            .await
+            .map_err(pg_error("commit"))?;
+        self.commit_conns.give_back(conn);
+        let mut outcomes = vec![(won == 1).then_some(Ok(()))];
+        if won != 1 {
+            self.explain_refusals(&[(lease, commit)], &[0], &mut outcomes).await?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Fills in the outcome of each refused commit (positions in `todo`) from the database's
+    /// verdict: refused for good, already done, or `None` (try again).
+    async fn explain_refusals(
+        &self,
+        todo: &[(&Lease, &StepCommit)],
+        refused: &[usize],
+        outcomes: &mut [Option<Result<()>>],
+    ) -> Result<()> {
         let verdicts: Vec<Verdict> = sqlx::query_as(VERDICT_SQL)
             .bind(refused.iter().map(|&i| todo[i].1.thread.as_str()).collect::<Vec<_>>())
             .bind(refused.iter().map(|&i| todo[i].1.ns.as_str()).collect::<Vec<_>>())
@@ -613,7 +708,7 @@ impl PostgresCheckpointer {
                 Refusal::Retry => None,
             };
         }
-        Ok(outcomes)
+        Ok(())
     }
 
     /// Takes the advisory lock on the lease session and, holding it, the thread: the epoch bumped,
