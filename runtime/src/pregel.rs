@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use crate::FastMap;
 use crate::algo::{self, Task, TaskOutput};
 use crate::checkpoint::{
     ChannelBlob, ChannelVersion, CheckpointBody, Lease, LeaseRequest, NewCheckpoint, PendingWrite, SharedCheckpointer,
@@ -191,11 +192,11 @@ impl Current {
 /// What the pending writes of a step say.
 #[derive(Default)]
 pub(crate) struct Pending {
-    pub(crate) outputs: HashMap<String, TaskOutput>,
+    pub(crate) outputs: FastMap<String, TaskOutput>,
     errors: Vec<ErrorRecord>,
     interrupts: BTreeMap<String, (String, InterruptRecord)>,
     resumes: BTreeMap<String, Value>,
-    journal: HashMap<String, HashMap<String, Vec<u8>>>,
+    journal: FastMap<String, HashMap<String, Vec<u8>>>,
 }
 
 impl Pending {
@@ -633,7 +634,7 @@ impl<'a> Loop<'a> {
         &mut self,
         g: &crate::graph::GraphInner,
         tasks: &[Task],
-        results: &HashMap<String, TaskResult>,
+        results: &FastMap<String, TaskResult>,
         pending: &Pending,
         (id, step): (u64, u64),
     ) -> Result<bool> {
@@ -749,7 +750,7 @@ impl<'a> Loop<'a> {
     }
 
     /// Runs the tasks that have no output yet: local ones here, remote ones by waiting for workers.
-    async fn run_tasks(&self, tasks: &[Task], pending: &Pending) -> Result<HashMap<String, TaskResult>> {
+    async fn run_tasks(&self, tasks: &[Task], pending: &Pending) -> Result<FastMap<String, TaskResult>> {
         let g = &self.graph.inner;
         let cur = self.current.as_ref().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
         let state = State::new(cur.values.clone());
@@ -801,7 +802,7 @@ impl<'a> Loop<'a> {
                 Ok::<_, Error>((task.id.clone(), result))
             });
         }
-        let mut results = HashMap::new();
+        let mut results = FastMap::default();
         while let Some(done) = running.next().await {
             let (id, result) = done?;
             results.insert(id, result);
@@ -818,7 +819,7 @@ impl<'a> Loop<'a> {
         &self,
         remote: &[&Task],
         checkpoint: u64,
-        results: &mut HashMap<String, TaskResult>,
+        results: &mut FastMap<String, TaskResult>,
     ) -> Result<()> {
         let deadline = tokio::time::Instant::now() + self.config.remote_task_timeout;
         loop {
@@ -861,7 +862,7 @@ impl<'a> Loop<'a> {
     async fn settle_step(
         &mut self,
         tasks: &[Task],
-        results: &HashMap<String, TaskResult>,
+        results: &FastMap<String, TaskResult>,
         pending: &Pending,
     ) -> Result<Option<RunOutcome>> {
         let failed = tasks.iter().find_map(|t| match results.get(&t.id) {

@@ -5,7 +5,7 @@
 //! and metadata hold maps whose nodes take kilobytes per checkpoint, and a store that keeps every
 //! checkpoint spends more time having the kernel zero that memory than encoding it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -16,6 +16,7 @@ use super::{
     CheckpointMeta, Checkpointer, GraphIdentity, Lease, LeaseRequest, ListFilter, PendingWrite, PutOutcome, StepCommit,
     StepRef, StoredCheckpoint, ThreadInfo, blobs_in_use, materialize, stale_task,
 };
+use crate::FastMap;
 use crate::checkpoint::{CheckpointBody, NewCheckpoint, Source, codec};
 use crate::error::{Error, Result};
 
@@ -27,7 +28,7 @@ pub struct MemoryCheckpointer {
 
 #[derive(Default)]
 struct Store {
-    threads: HashMap<String, ThreadRec>,
+    threads: FastMap<String, ThreadRec>,
 }
 
 struct ThreadRec {
@@ -35,10 +36,10 @@ struct ThreadRec {
     epoch: u64,
     owner: Option<String>,
     held: bool,
-    heads: HashMap<String, u64>,
+    heads: FastMap<String, u64>,
     checkpoints: BTreeMap<(String, u64), Kept>,
     /// namespace -> channel -> version -> blob
-    blobs: HashMap<String, HashMap<String, BTreeMap<u64, StoredBlob>>>,
+    blobs: FastMap<String, FastMap<String, BTreeMap<u64, StoredBlob>>>,
     writes: BTreeMap<(String, u64), Vec<PendingWrite>>,
 }
 
@@ -124,9 +125,9 @@ impl Checkpointer for MemoryCheckpointer {
             epoch: 0,
             owner: None,
             held: false,
-            heads: HashMap::new(),
+            heads: FastMap::default(),
             checkpoints: BTreeMap::new(),
-            blobs: HashMap::new(),
+            blobs: FastMap::default(),
             writes: BTreeMap::new(),
         });
         if rec.held {
