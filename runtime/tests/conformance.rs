@@ -877,6 +877,57 @@ mod postgres_only {
     }
 
     #[sqlx::test(migrations = false)]
+    async fn sixty_four_concurrent_threads_use_at_most_the_connections_the_readme_states(pool: PgPool) {
+        let database = pool.connect_options().get_database().unwrap().to_owned();
+        let base = std::env::var("DATABASE_URL").unwrap();
+        // The store's sessions carry their own name, to be told from the test's.
+        let url = format!("{}/{database}?application_name=store-under-test", base.rsplit_once('/').unwrap().0);
+        let store = PostgresCheckpointer::connect(&url).await.unwrap();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let (pool, done) = (pool.clone(), std::sync::Arc::clone(&done));
+            tokio::spawn(async move {
+                let mut most = 0i64;
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT count(*) FROM pg_stat_activity
+                         WHERE datname = current_database() AND application_name = 'store-under-test'",
+                    )
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                    most = most.max(n);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                most
+            })
+        };
+        let runners: Vec<_> = (0..64)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let thread = format!("t{i}");
+                    let lease = lease(&store, &thread, "runner").await;
+                    let mut chain = Chain::new(&thread, "");
+                    for step in 0..10 {
+                        chain.set(&store, &lease, "x", &json!(step)).await;
+                    }
+                    drop(lease);
+                    store.head(&thread, "").await.unwrap()
+                })
+            })
+            .collect();
+        for runner in runners {
+            assert_eq!(runner.await.unwrap(), Some(10));
+        }
+        done.store(true, std::sync::atomic::Ordering::Release);
+        let most = sampler.await.unwrap();
+        // A pool of up to 16, the lease session, up to four commit connections.
+        assert!(most >= 2, "the sampler saw the store's sessions: {most}");
+        assert!(most <= 16 + 1 + 4, "{most} sessions at once");
+    }
+
+    #[sqlx::test(migrations = false)]
     async fn connect_picks_the_backend_from_the_url(pool: PgPool) {
         let database = pool.connect_options().get_database().unwrap().to_owned();
         let base = std::env::var("DATABASE_URL").unwrap();
