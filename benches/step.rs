@@ -7,6 +7,8 @@
 //! - `step_memory/loop/<size>`: one node looping 100 super-steps per invoke on a thread whose
 //!   state also holds an untouched string of `<size>`; throughput is in steps, so criterion's
 //!   time per element is the time per step.
+//! - `step_memory/write/<size>`: the same loop, the node writing a fresh string of `<size>` on
+//!   every step: what a step that changes a large value costs (it should move, not copy, it).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +45,32 @@ fn looping() -> agentic_runtime::Result<Graph> {
         .channel("n", Channel::sum())
         .channel("payload", Channel::last_value())
         .node("tick", node_fn(|_, _| async { Ok(Update::new().set("n", 1)) }))
+        .conditional(
+            "tick",
+            |state| {
+                let n: u64 = state.get("n")?;
+                Ok(vec![Goto::node(if n.is_multiple_of(LOOP_STEPS) { END } else { "tick" })])
+            },
+            ["tick", END],
+        )
+        .edge(START, "tick")
+        .compile()
+}
+
+/// Like [`looping`], but `tick` also writes a fresh `payload` of `size` bytes on every step: the
+/// cost of a step that changes a large value (copies of it, its encoding, the store keeping it).
+fn writing(size: usize) -> agentic_runtime::Result<Graph> {
+    let payload = Arc::new("y".repeat(size));
+    GraphBuilder::new("bench-write")
+        .channel("n", Channel::sum())
+        .channel("payload", Channel::last_value())
+        .node(
+            "tick",
+            node_fn(move |_, _| {
+                let payload = Arc::clone(&payload);
+                async move { Ok(Update::new().set("n", 1).set("payload", payload.as_str())) }
+            }),
+        )
         .conditional(
             "tick",
             |state| {
@@ -96,6 +124,24 @@ fn bench_steps(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
                         fail(graph.invoke(&thread, Input::Start(Update::new()), &config).await);
                         total += t.elapsed();
                         // Untimed: keeps the store's size constant across iterations.
+                        fail(graph.prune(&thread, 1).await);
+                    }
+                    total
+                })
+            });
+        });
+    }
+    for (label, size) in SIZES {
+        let graph = fail(writing(size)).with_checkpointer(Arc::new(MemoryCheckpointer::new()));
+        let thread = format!("write-{label}");
+        group.bench_with_input(BenchmarkId::new("write", label), &size, |b, _| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let t = Instant::now();
+                        fail(graph.invoke(&thread, Input::Start(Update::new()), &config).await);
+                        total += t.elapsed();
                         fail(graph.prune(&thread, 1).await);
                     }
                     total

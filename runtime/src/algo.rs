@@ -159,8 +159,8 @@ fn with_writes(graph: &GraphInner, node: &str, snapshot: &State, writes: &[(Stri
     Ok(State::new(values))
 }
 
-fn group<'a>(writes: impl Iterator<Item = (&'a str, Value)>) -> BTreeMap<&'a str, Vec<Value>> {
-    let mut grouped: BTreeMap<&str, Vec<Value>> = BTreeMap::new();
+fn group<K: Ord>(writes: impl Iterator<Item = (K, Value)>) -> BTreeMap<K, Vec<Value>> {
+    let mut grouped: BTreeMap<K, Vec<Value>> = BTreeMap::new();
     for (channel, value) in writes {
         grouped.entry(channel).or_default().push(value);
     }
@@ -190,19 +190,27 @@ pub(crate) fn apply_step(
     graph: &GraphInner,
     prev: &CheckpointBody,
     values: &mut Values,
-    outputs: &[(&str, &TaskOutput)],
+    outputs: Vec<(&str, TaskOutput)>,
     new_id: u64,
 ) -> Result<Applied> {
     let mut body =
         CheckpointBody { versions: prev.versions.clone(), barriers: prev.barriers.clone(), ..Default::default() };
-    let grouped = group(outputs.iter().flat_map(|(_, o)| o.writes.iter().map(|(c, v)| (c.as_str(), v.clone()))));
+    // The written values move into the channels: no copy of a large value.
+    let mut routes: Vec<(&str, Vec<Goto>)> = Vec::with_capacity(outputs.len());
+    let mut writes = Vec::new();
+    for (node, output) in outputs {
+        writes.push(output.writes);
+        routes.push((node, output.goto));
+    }
+    let grouped = group(writes.into_iter().flatten());
     let mut blobs = Vec::with_capacity(grouped.len());
-    for (channel, writes) in grouped {
+    for (name, writes) in grouped {
+        let channel = name.as_str();
         let spec = graph.channels.get(channel).ok_or_else(|| Error::channel(channel, "no such channel"))?;
-        // The key comes back out with the value and goes back in with the new one: no new String.
+        // The key comes back out with the value and goes back in with the new one.
         let (key, current) = match values.remove_entry(channel) {
             Some((key, v)) => (key, Some(Arc::try_unwrap(v).unwrap_or_else(|shared| Value::clone(&shared)))),
-            None => (channel.to_owned(), None),
+            None => (name.clone(), None),
         };
         let reduced = spec.reduce(channel, current, writes)?;
         // A delta extends a stored row, never an inline value.
@@ -246,23 +254,23 @@ pub(crate) fn apply_step(
 
     let mut pulls = BTreeSet::new();
     let mut pushes = Vec::new();
-    for (node, output) in outputs {
-        for goto in &output.goto {
+    for (node, goto) in routes {
+        for goto in goto {
             match goto {
                 Goto::Node { node: target } if target == END => {}
                 Goto::Node { node: target } => {
-                    pulls.insert(target.clone());
+                    pulls.insert(target);
                 }
                 Goto::Send { node: target, arg } => {
-                    pushes.push(PendingTask::Push { node: target.clone(), arg: arg.clone() });
+                    pushes.push(PendingTask::Push { node: target, arg });
                 }
             }
         }
         for (target, sources) in &graph.joins {
-            if sources.contains(*node) {
+            if sources.contains(node) {
                 let arrived = body.barriers.entry(target.clone()).or_default();
                 if !arrived.iter().any(|a| a == node) {
-                    arrived.push((*node).to_owned());
+                    arrived.push(node.to_owned());
                     arrived.sort();
                 }
                 if sources.iter().all(|s| arrived.contains(s)) {
@@ -343,13 +351,13 @@ mod tests {
         let g = &graph.inner;
         let a = TaskOutput { writes: vec![("items".into(), json!("from-a"))], goto: vec![] };
         let b = TaskOutput { writes: vec![("items".into(), json!("from-b"))], goto: vec![] };
-        let apply = |outputs: &[(&str, &TaskOutput)]| {
+        let apply = |outputs: Vec<(&str, TaskOutput)>| {
             let mut values = Values::new();
             apply_step(g, &CheckpointBody::default(), &mut values, outputs, 7).unwrap();
             Value::clone(&values["items"])
         };
         // The loop sorts by task path before applying; the same sorted input gives the same result.
-        assert_eq!(apply(&[("a", &a), ("b", &b)]), json!(["from-a", "from-b"]));
+        assert_eq!(apply(vec![("a", a), ("b", b)]), json!(["from-a", "from-b"]));
     }
 
     #[test]
@@ -358,10 +366,10 @@ mod tests {
         let g = &graph.inner;
         let out = TaskOutput { writes: vec![], goto: vec![] };
         let mut values = Values::new();
-        let first = apply_step(g, &CheckpointBody::default(), &mut values, &[("a", &out)], 2).unwrap();
+        let first = apply_step(g, &CheckpointBody::default(), &mut values, vec![("a", out.clone())], 2).unwrap();
         assert!(first.body.next.is_empty());
         assert_eq!(first.body.barriers["c"], vec!["a".to_owned()]);
-        let second = apply_step(g, &first.body, &mut values, &[("b", &out)], 3).unwrap();
+        let second = apply_step(g, &first.body, &mut values, vec![("b", out.clone())], 3).unwrap();
         assert_eq!(second.body.next, vec![PendingTask::Pull { node: "c".into() }]);
         assert!(second.body.barriers.is_empty());
     }
@@ -373,9 +381,9 @@ mod tests {
         let mut values = Values::new();
         let w = |v: Value| TaskOutput { writes: vec![("items".into(), v)], goto: vec![] };
         let big = "a".repeat(INLINE_MAX);
-        let first = apply_step(g, &CheckpointBody::default(), &mut values, &[("x", &w(json!(big)))], 1).unwrap();
+        let first = apply_step(g, &CheckpointBody::default(), &mut values, vec![("x", w(json!(big)))], 1).unwrap();
         assert_eq!(first.blobs[0].base, None);
-        let second = apply_step(g, &first.body, &mut values, &[("x", &w(json!("b")))], 2).unwrap();
+        let second = apply_step(g, &first.body, &mut values, vec![("x", w(json!("b")))], 2).unwrap();
         assert_eq!(second.blobs[0].base, Some(1));
         assert_eq!(codec::decode::<Value>(&second.blobs[0].data).unwrap(), json!(["b"]));
         assert!(second.body.versions["items"].d);
@@ -399,14 +407,14 @@ mod tests {
         let g = &graph.inner;
         let mut values = Values::new();
         let w = |v: Value| TaskOutput { writes: vec![("items".into(), v)], goto: vec![] };
-        let first = apply_step(g, &CheckpointBody::default(), &mut values, &[("x", &w(json!("a")))], 1).unwrap();
+        let first = apply_step(g, &CheckpointBody::default(), &mut values, vec![("x", w(json!("a")))], 1).unwrap();
         assert!(first.blobs.is_empty());
         assert_eq!(first.body.versions["items"].i, Some(json!(["a"])));
         // Appending to an inline value stores the whole list: inline while small, then a row.
-        let second = apply_step(g, &first.body, &mut values, &[("x", &w(json!("b")))], 2).unwrap();
+        let second = apply_step(g, &first.body, &mut values, vec![("x", w(json!("b")))], 2).unwrap();
         assert_eq!(second.body.versions["items"].i, Some(json!(["a", "b"])));
         let big = "c".repeat(INLINE_MAX);
-        let third = apply_step(g, &second.body, &mut values, &[("x", &w(json!(big)))], 3).unwrap();
+        let third = apply_step(g, &second.body, &mut values, vec![("x", w(json!(big)))], 3).unwrap();
         assert_eq!(third.blobs[0].base, None);
         assert_eq!(third.body.versions["items"], ChannelVersion { v: 3, d: false, i: None });
         assert_eq!(codec::decode::<Value>(&third.blobs[0].data).unwrap(), json!(["a", "b", big]));
@@ -419,9 +427,9 @@ mod tests {
         let mut values = Values::new();
         let set = TaskOutput { writes: vec![("flag".into(), json!(true))], goto: vec![] };
         let none = TaskOutput { writes: vec![], goto: vec![] };
-        let first = apply_step(g, &CheckpointBody::default(), &mut values, &[("x", &set)], 1).unwrap();
+        let first = apply_step(g, &CheckpointBody::default(), &mut values, vec![("x", set)], 1).unwrap();
         assert_eq!(*values["flag"], json!(true));
-        let second = apply_step(g, &first.body, &mut values, &[("x", &none)], 2).unwrap();
+        let second = apply_step(g, &first.body, &mut values, vec![("x", none)], 2).unwrap();
         assert!(!values.contains_key("flag"));
         assert!(!second.body.versions.contains_key("flag"));
     }

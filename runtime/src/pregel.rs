@@ -464,7 +464,7 @@ impl<'a> Loop<'a> {
                 };
                 let output = algo::input_output(&self.graph.inner, &State::new(values.clone()), update)?;
                 let id = self.lease.next_checkpoint_id();
-                let applied = algo::apply_step(&self.graph.inner, &prev_body, &mut values, &[(START, &output)], id)?;
+                let applied = algo::apply_step(&self.graph.inner, &prev_body, &mut values, vec![(START, output)], id)?;
                 let body = Arc::new(applied.body);
                 let checkpoint = NewCheckpoint {
                     id,
@@ -615,7 +615,7 @@ impl<'a> Loop<'a> {
             if let Some(outcome) = self.settle_step(&tasks, &results, &pending).await? {
                 return Ok(outcome);
             }
-            let after = self.apply_and_commit(&g, &tasks, &results, &pending, (id, step)).await?;
+            let after = self.apply_and_commit(&g, &tasks, results, pending, (id, step)).await?;
             if after {
                 let cur = self.current.as_ref().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
                 let interrupts = algo::tasks_for(&self.ns, cur.id, &cur.body)
@@ -634,13 +634,14 @@ impl<'a> Loop<'a> {
         &mut self,
         g: &crate::graph::GraphInner,
         tasks: &[Task],
-        results: &FastMap<String, TaskResult>,
-        pending: &Pending,
+        mut results: FastMap<String, TaskResult>,
+        mut pending: Pending,
         (id, step): (u64, u64),
     ) -> Result<bool> {
-        let mut outputs: Vec<(&Task, &TaskOutput)> = Vec::with_capacity(tasks.len());
+        // Owned: the written values move into the channels.
+        let mut outputs: Vec<(&Task, TaskOutput)> = Vec::with_capacity(tasks.len());
         for task in tasks {
-            let output = pending.outputs.get(&task.id).or_else(|| match results.get(&task.id) {
+            let output = pending.outputs.remove(&task.id).or_else(|| match results.remove(&task.id) {
                 Some(TaskResult::Done(output)) => Some(output),
                 _ => None,
             });
@@ -660,13 +661,14 @@ impl<'a> Loop<'a> {
         }
         let new_id = self.lease.next_checkpoint_id();
         let cur = self.current.as_mut().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
-        let by_node: Vec<(&str, &TaskOutput)> = outputs.iter().map(|(t, o)| (t.node.as_str(), *o)).collect();
-        let applied = algo::apply_step(g, &cur.body, &mut cur.values, &by_node, new_id)?;
-        let after = outputs.iter().any(|(t, _)| g.interrupt_after.contains(&t.node)) && !applied.body.next.is_empty();
+        let ran: Vec<&Task> = outputs.iter().map(|(t, _)| *t).collect();
+        let by_node: Vec<(&str, TaskOutput)> = outputs.into_iter().map(|(t, o)| (t.node.as_str(), o)).collect();
+        let applied = algo::apply_step(g, &cur.body, &mut cur.values, by_node, new_id)?;
+        let after = ran.iter().any(|t| g.interrupt_after.contains(&t.node)) && !applied.body.next.is_empty();
         // Source and step have columns of their own; `interrupt_after` is written only when set.
         let mut metadata = json!({
             "owner": self.lease.owner,
-            "tasks": outputs.iter().map(|(t, _)| json!({"id": t.id, "node": t.node})).collect::<Vec<_>>(),
+            "tasks": ran.iter().map(|t| json!({"id": t.id, "node": t.node})).collect::<Vec<_>>(),
         });
         if after {
             metadata["interrupt_after"] = Value::Bool(true);
@@ -686,7 +688,7 @@ impl<'a> Loop<'a> {
         self.made_here = true;
         cur.body = body;
         cur.interrupt_after = after;
-        drop(outputs);
+        drop(ran);
         self.commit(checkpoint, applied.blobs).await?;
         self.emit_values();
         Ok(after)
