@@ -39,36 +39,24 @@ fn one_node() -> agentic_runtime::Result<Graph> {
         .compile()
 }
 
-/// `tick` adds one to `n` and loops to itself until `n` is a multiple of [`LOOP_STEPS`].
-fn looping() -> agentic_runtime::Result<Graph> {
+/// `tick` adds one to `n` and loops to itself until `n` is a multiple of [`LOOP_STEPS`]; with
+/// `write`, it also writes a fresh `payload` of that many bytes on every step.
+fn looping(write: Option<usize>) -> agentic_runtime::Result<Graph> {
+    let payload = write.map(|size| Arc::new("y".repeat(size)));
     GraphBuilder::new("bench-loop")
-        .channel("n", Channel::sum())
-        .channel("payload", Channel::last_value())
-        .node("tick", node_fn(|_, _| async { Ok(Update::new().set("n", 1)) }))
-        .conditional(
-            "tick",
-            |state| {
-                let n: u64 = state.get("n")?;
-                Ok(vec![Goto::node(if n.is_multiple_of(LOOP_STEPS) { END } else { "tick" })])
-            },
-            ["tick", END],
-        )
-        .edge(START, "tick")
-        .compile()
-}
-
-/// Like [`looping`], but `tick` also writes a fresh `payload` of `size` bytes on every step: the
-/// cost of a step that changes a large value (copies of it, its encoding, the store keeping it).
-fn writing(size: usize) -> agentic_runtime::Result<Graph> {
-    let payload = Arc::new("y".repeat(size));
-    GraphBuilder::new("bench-write")
         .channel("n", Channel::sum())
         .channel("payload", Channel::last_value())
         .node(
             "tick",
             node_fn(move |_, _| {
-                let payload = Arc::clone(&payload);
-                async move { Ok(Update::new().set("n", 1).set("payload", payload.as_str())) }
+                let payload = payload.clone();
+                async move {
+                    let update = Update::new().set("n", 1);
+                    Ok(match payload {
+                        Some(payload) => update.set("payload", payload.as_str()),
+                        None => update,
+                    })
+                }
             }),
         )
         .conditional(
@@ -81,6 +69,21 @@ fn writing(size: usize) -> agentic_runtime::Result<Graph> {
         )
         .edge(START, "tick")
         .compile()
+}
+
+/// Times `iters` invokes of `graph` on `thread`; between them (untimed) the thread is pruned to
+/// its head, which keeps the store's size constant across iterations.
+fn time_invokes(rt: &tokio::runtime::Runtime, graph: &Graph, thread: &str, config: &RunConfig, iters: u64) -> Duration {
+    rt.block_on(async {
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            let t = Instant::now();
+            fail(graph.invoke(thread, Input::Start(Update::new()), config).await);
+            total += t.elapsed();
+            fail(graph.prune(thread, 1).await);
+        }
+        total
+    })
 }
 
 fn bench_steps(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
@@ -111,42 +114,19 @@ fn bench_steps(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let config = RunConfig { recursion_limit: LOOP_STEPS + 5, ..RunConfig::default() };
     group.throughput(Throughput::Elements(LOOP_STEPS));
     for (label, size) in SIZES {
-        let graph = fail(looping()).with_checkpointer(Arc::new(MemoryCheckpointer::new()));
+        let graph = fail(looping(None)).with_checkpointer(Arc::new(MemoryCheckpointer::new()));
         let thread = format!("loop-{label}");
         let payload = "x".repeat(size);
         fail(rt.block_on(graph.invoke(&thread, Input::Start(Update::new().set("payload", payload)), &config)));
         group.bench_with_input(BenchmarkId::new("loop", label), &size, |b, _| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let t = Instant::now();
-                        fail(graph.invoke(&thread, Input::Start(Update::new()), &config).await);
-                        total += t.elapsed();
-                        // Untimed: keeps the store's size constant across iterations.
-                        fail(graph.prune(&thread, 1).await);
-                    }
-                    total
-                })
-            });
+            b.iter_custom(|iters| time_invokes(rt, &graph, &thread, &config, iters));
         });
     }
     for (label, size) in SIZES {
-        let graph = fail(writing(size)).with_checkpointer(Arc::new(MemoryCheckpointer::new()));
+        let graph = fail(looping(Some(size))).with_checkpointer(Arc::new(MemoryCheckpointer::new()));
         let thread = format!("write-{label}");
         group.bench_with_input(BenchmarkId::new("write", label), &size, |b, _| {
-            b.iter_custom(|iters| {
-                rt.block_on(async {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let t = Instant::now();
-                        fail(graph.invoke(&thread, Input::Start(Update::new()), &config).await);
-                        total += t.elapsed();
-                        fail(graph.prune(&thread, 1).await);
-                    }
-                    total
-                })
-            });
+            b.iter_custom(|iters| time_invokes(rt, &graph, &thread, &config, iters));
         });
     }
     group.finish();

@@ -565,6 +565,13 @@ mod postgres_only {
         PostgresCheckpointer::from_pool(pool).await.unwrap()
     }
 
+    /// The URL of the test's database (`DATABASE_URL` with the database the pool is on).
+    fn url_of(pool: &PgPool) -> String {
+        let database = pool.connect_options().get_database().unwrap().to_owned();
+        let base = std::env::var("DATABASE_URL").unwrap();
+        format!("{}/{database}", base.rsplit_once('/').unwrap().0)
+    }
+
     /// The backend pid of the session holding this database's advisory locks.
     async fn lock_holder(pool: &PgPool) -> i32 {
         sqlx::query_scalar(
@@ -860,9 +867,7 @@ mod postgres_only {
 
     #[sqlx::test(migrations = false)]
     async fn connect_sets_generic_plans_and_no_sequential_scans_on_its_connections(pool: PgPool) {
-        let database = pool.connect_options().get_database().unwrap().to_owned();
-        let base = std::env::var("DATABASE_URL").unwrap();
-        let url = format!("{}/{database}", base.rsplit_once('/').unwrap().0);
+        let url = url_of(&pool);
         let store = PostgresCheckpointer::connect(&url).await.unwrap();
         let (plans, seqscan): (String, String) =
             sqlx::query_as("SELECT current_setting('plan_cache_mode'), current_setting('enable_seqscan')")
@@ -878,10 +883,8 @@ mod postgres_only {
 
     #[sqlx::test(migrations = false)]
     async fn sixty_four_concurrent_threads_use_at_most_the_connections_the_readme_states(pool: PgPool) {
-        let database = pool.connect_options().get_database().unwrap().to_owned();
-        let base = std::env::var("DATABASE_URL").unwrap();
         // The store's sessions carry their own name, to be told from the test's.
-        let url = format!("{}/{database}?application_name=store-under-test", base.rsplit_once('/').unwrap().0);
+        let url = format!("{}?application_name=store-under-test", url_of(&pool));
         let store = PostgresCheckpointer::connect(&url).await.unwrap();
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sampler = {
@@ -929,9 +932,7 @@ mod postgres_only {
 
     #[sqlx::test(migrations = false)]
     async fn connect_picks_the_backend_from_the_url(pool: PgPool) {
-        let database = pool.connect_options().get_database().unwrap().to_owned();
-        let base = std::env::var("DATABASE_URL").unwrap();
-        let url = format!("{}/{database}", base.rsplit_once('/').unwrap().0);
+        let url = url_of(&pool);
         let dir = TempDir::new("connect");
         let sqlite_file = dir.join("by-url.db");
         let cases = [
