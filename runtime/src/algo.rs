@@ -196,12 +196,7 @@ pub(crate) fn apply_step(
     let mut body =
         CheckpointBody { versions: prev.versions.clone(), barriers: prev.barriers.clone(), ..Default::default() };
     // The written values move into the channels: no copy of a large value.
-    let mut routes: Vec<(&str, Vec<Goto>)> = Vec::with_capacity(outputs.len());
-    let mut writes = Vec::new();
-    for (node, output) in outputs {
-        writes.push(output.writes);
-        routes.push((node, output.goto));
-    }
+    let (writes, routes): (Vec<_>, Vec<_>) = outputs.into_iter().map(|(node, o)| (o.writes, (node, o.goto))).unzip();
     let grouped = group(writes.into_iter().flatten());
     let mut blobs = Vec::with_capacity(grouped.len());
     for (name, writes) in grouped {

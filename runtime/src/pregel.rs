@@ -661,15 +661,15 @@ impl<'a> Loop<'a> {
         }
         let new_id = self.lease.next_checkpoint_id();
         let cur = self.current.as_mut().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
-        let ran: Vec<&Task> = outputs.iter().map(|(t, _)| *t).collect();
-        let by_node: Vec<(&str, TaskOutput)> = outputs.into_iter().map(|(t, o)| (t.node.as_str(), o)).collect();
-        let applied = algo::apply_step(g, &cur.body, &mut cur.values, by_node, new_id)?;
-        let after = ran.iter().any(|t| g.interrupt_after.contains(&t.node)) && !applied.body.next.is_empty();
         // Source and step have columns of their own; `interrupt_after` is written only when set.
         let mut metadata = json!({
             "owner": self.lease.owner,
-            "tasks": ran.iter().map(|t| json!({"id": t.id, "node": t.node})).collect::<Vec<_>>(),
+            "tasks": outputs.iter().map(|(t, _)| json!({"id": t.id, "node": t.node})).collect::<Vec<_>>(),
         });
+        let stops_after = outputs.iter().any(|(t, _)| g.interrupt_after.contains(&t.node));
+        let by_node: Vec<(&str, TaskOutput)> = outputs.into_iter().map(|(t, o)| (t.node.as_str(), o)).collect();
+        let applied = algo::apply_step(g, &cur.body, &mut cur.values, by_node, new_id)?;
+        let after = stops_after && !applied.body.next.is_empty();
         if after {
             metadata["interrupt_after"] = Value::Bool(true);
         }
@@ -688,7 +688,6 @@ impl<'a> Loop<'a> {
         self.made_here = true;
         cur.body = body;
         cur.interrupt_after = after;
-        drop(ran);
         self.commit(checkpoint, applied.blobs).await?;
         self.emit_values();
         Ok(after)
