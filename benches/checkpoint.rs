@@ -106,7 +106,7 @@ impl Writer {
     /// The next step's commit: a new version of the `state` channel.
     fn next(&mut self, data: &[u8]) -> StepCommit {
         let id = self.lease.next_checkpoint_id();
-        let versions = BTreeMap::from([("state".to_owned(), ChannelVersion { v: id, d: false, i: None })]);
+        let versions = BTreeMap::from([("state".to_owned(), ChannelVersion::whole(id))]);
         self.step += 1;
         StepCommit {
             thread: self.thread.clone(),

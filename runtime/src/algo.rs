@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::channel::{ChannelKind, Reduced};
-use crate::checkpoint::{ChannelBlob, ChannelVersion, CheckpointBody, INLINE_MAX, PendingTask, codec};
+use crate::checkpoint::{ChannelBlob, ChannelVersion, CheckpointBody, INLINE_MAX, PendingTask, SEGMENT_ROWS, codec};
 use crate::error::{Error, Result};
 use crate::graph::{END, GraphInner, START};
 use crate::state::{Goto, State, Update, Values};
@@ -167,6 +167,46 @@ fn group<K: Ord>(writes: impl Iterator<Item = (K, Value)>) -> BTreeMap<K, Vec<Va
     grouped
 }
 
+/// The row of version `v` of an append channel: `items`, just appended to its stored version
+/// `previous` to make `value`, as a delta on `previous`; or, when this row fills the open
+/// segment and `close` is set, the segment's row (see [`close_segment`]).
+fn append_row(
+    channel: &str,
+    v: u64,
+    previous: &ChannelVersion,
+    value: &Value,
+    items: &[Value],
+    close: bool,
+) -> Result<(ChannelBlob, ChannelVersion)> {
+    let (start, rows, count) = match previous.segment {
+        Some(start) if previous.d => (start, previous.rows, previous.items),
+        _ => (previous.v, 0, 0),
+    };
+    let mut version = ChannelVersion::delta(v, start, rows + 1, count + items.len() as u64);
+    let segment = if close { close_segment(&mut version, value)? } else { None };
+    let (base, data) = match segment {
+        Some(segment) => segment,
+        None => (previous.v, codec::encode(items)?),
+    };
+    Ok((ChannelBlob { channel: channel.to_owned(), version: v, base: Some(base), data }, version))
+}
+
+/// Closes the segment a delta version fills (its [`SEGMENT_ROWS`]th row since the segment's
+/// start): returns the base and bytes of the row to store instead of the delta, every item
+/// appended since the segment's start (the tail of `value`, the whole list) based on that
+/// start, and makes `version` the start of the next segment. `None`: the delta stays.
+pub(crate) fn close_segment(version: &mut ChannelVersion, value: &Value) -> Result<Option<(u64, Vec<u8>)>> {
+    let (Some(start), Value::Array(list)) = (version.segment, value) else { return Ok(None) };
+    if !version.d || version.rows < SEGMENT_ROWS {
+        return Ok(None);
+    }
+    // More items than the list holds cannot be: keep the delta, which is right in any case.
+    let Some(count) = usize::try_from(version.items).ok().filter(|&n| n <= list.len()) else { return Ok(None) };
+    let data = codec::encode(&list[list.len() - count..])?;
+    *version = ChannelVersion::delta(version.v, version.v, 0, 0);
+    Ok(Some((start, data)))
+}
+
 /// Values whose encoding is certainly within [`INLINE_MAX`] bytes, known without encoding them:
 /// null, booleans, numbers (at most 9 bytes) and strings of up to 30 bytes (one header byte).
 fn obviously_small(value: &Value) -> bool {
@@ -185,13 +225,15 @@ pub(crate) struct Applied {
 }
 
 /// Applies a step's task outputs (sorted by task path) to the channel values, producing the
-/// body and blobs of checkpoint `new_id`.
+/// body and blobs of checkpoint `new_id`. `close_segments` is false when the blobs are held back
+/// to be written later as one delta (durability exit; see [`close_segment`]).
 pub(crate) fn apply_step(
     graph: &GraphInner,
     prev: &CheckpointBody,
     values: &mut Values,
     outputs: Vec<(&str, TaskOutput)>,
     new_id: u64,
+    close_segments: bool,
 ) -> Result<Applied> {
     let mut body =
         CheckpointBody { versions: prev.versions.clone(), barriers: prev.barriers.clone(), ..Default::default() };
@@ -208,13 +250,13 @@ pub(crate) fn apply_step(
             None => (name.clone(), None),
         };
         let reduced = spec.reduce(channel, current, writes)?;
-        // A delta extends a stored row, never an inline value.
-        let previous = prev.versions.get(channel).filter(|v| v.i.is_none()).map(|v| v.v);
+        // A delta extends a stored row, never an inline value, nor a delta stored before
+        // segments existed (its chain's length is unknown: the whole value starts a new one).
+        let previous = prev.versions.get(channel).filter(|v| v.i.is_none() && (!v.d || v.segment.is_some()));
         let (value, blob, version) = match (reduced, previous) {
-            (Reduced::Appended { value, items }, Some(base)) => {
-                let data = codec::encode(&items)?;
-                let blob = ChannelBlob { channel: channel.to_owned(), version: new_id, base: Some(base), data };
-                (value, Some(blob), ChannelVersion { v: new_id, d: true, i: None })
+            (Reduced::Appended { value, items }, Some(previous)) => {
+                let (blob, version) = append_row(channel, new_id, previous, &value, &items, close_segments)?;
+                (value, Some(blob), version)
             }
             (reduced, _) => {
                 let value = reduced.into_value();
@@ -222,9 +264,9 @@ pub(crate) fn apply_step(
                 match data {
                     Some(data) if data.len() > INLINE_MAX => {
                         let blob = ChannelBlob { channel: channel.to_owned(), version: new_id, base: None, data };
-                        (value, Some(blob), ChannelVersion { v: new_id, d: false, i: None })
+                        (value, Some(blob), ChannelVersion::whole(new_id))
                     }
-                    _ => (value.clone(), None, ChannelVersion { v: new_id, d: false, i: Some(value) }),
+                    _ => (value.clone(), None, ChannelVersion::inline(new_id, value)),
                 }
             }
         };
@@ -348,7 +390,7 @@ mod tests {
         let b = TaskOutput { writes: vec![("items".into(), json!("from-b"))], goto: vec![] };
         let apply = |outputs: Vec<(&str, TaskOutput)>| {
             let mut values = Values::new();
-            apply_step(g, &CheckpointBody::default(), &mut values, outputs, 7).unwrap();
+            apply_step(g, &CheckpointBody::default(), &mut values, outputs, 7, true).unwrap();
             Value::clone(&values["items"])
         };
         // The loop sorts by task path before applying; the same sorted input gives the same result.
@@ -361,10 +403,10 @@ mod tests {
         let g = &graph.inner;
         let out = TaskOutput { writes: vec![], goto: vec![] };
         let mut values = Values::new();
-        let first = apply_step(g, &CheckpointBody::default(), &mut values, vec![("a", out.clone())], 2).unwrap();
+        let first = apply_step(g, &CheckpointBody::default(), &mut values, vec![("a", out.clone())], 2, true).unwrap();
         assert!(first.body.next.is_empty());
         assert_eq!(first.body.barriers["c"], vec!["a".to_owned()]);
-        let second = apply_step(g, &first.body, &mut values, vec![("b", out.clone())], 3).unwrap();
+        let second = apply_step(g, &first.body, &mut values, vec![("b", out.clone())], 3, true).unwrap();
         assert_eq!(second.body.next, vec![PendingTask::Pull { node: "c".into() }]);
         assert!(second.body.barriers.is_empty());
     }
@@ -376,13 +418,65 @@ mod tests {
         let mut values = Values::new();
         let w = |v: Value| TaskOutput { writes: vec![("items".into(), v)], goto: vec![] };
         let big = "a".repeat(INLINE_MAX);
-        let first = apply_step(g, &CheckpointBody::default(), &mut values, vec![("x", w(json!(big)))], 1).unwrap();
+        let first =
+            apply_step(g, &CheckpointBody::default(), &mut values, vec![("x", w(json!(big)))], 1, true).unwrap();
         assert_eq!(first.blobs[0].base, None);
-        let second = apply_step(g, &first.body, &mut values, vec![("x", w(json!("b")))], 2).unwrap();
+        let second = apply_step(g, &first.body, &mut values, vec![("x", w(json!("b")))], 2, true).unwrap();
         assert_eq!(second.blobs[0].base, Some(1));
         assert_eq!(codec::decode::<Value>(&second.blobs[0].data).unwrap(), json!(["b"]));
         assert!(second.body.versions["items"].d);
         assert_eq!(*values["items"], json!([big, "b"]));
+    }
+
+    #[test]
+    fn append_chains_close_a_segment_every_segment_rows_rows() {
+        let graph = fan_graph();
+        let g = &graph.inner;
+        let mut values = Values::new();
+        let w = |v: Value| TaskOutput { writes: vec![("items".into(), v)], goto: vec![] };
+        let mut body = CheckpointBody::default();
+        let mut rows = std::collections::HashMap::new();
+        // The first step stores the whole list; five segments close, seven deltas stay open.
+        let steps = 1 + 5 * u64::from(SEGMENT_ROWS) + 7;
+        for id in 1..=steps {
+            let item = json!(format!("item {id} {}", "x".repeat(INLINE_MAX)));
+            let applied = apply_step(g, &body, &mut values, vec![("x", w(item))], id, true).unwrap();
+            for blob in applied.blobs {
+                rows.insert(blob.version, (blob.base, blob.data));
+            }
+            body = applied.body;
+            // Every version rebuilds from its chain, which skips the deltas of closed segments.
+            let mut read = 0;
+            let rebuilt = crate::checkpoint::materialize(&body, |_, v| {
+                read += 1;
+                rows.get(&v).cloned()
+            })
+            .unwrap();
+            assert_eq!(rebuilt["items"], *values["items"], "version {id}");
+            let bound = 1 + id / u64::from(SEGMENT_ROWS) + u64::from(SEGMENT_ROWS);
+            assert!(read <= bound, "version {id}: {read} rows read, at most {bound}");
+        }
+        let version = &body.versions["items"];
+        assert_eq!((version.rows, version.items), (7, 7), "7 deltas since the last segment closed");
+        // Each item is stored at most twice: in its delta and in its segment's row.
+        let stored: usize =
+            rows.values().map(|(_, data)| codec::decode::<Vec<Value>>(data).map_or(1, |l| l.len())).sum();
+        assert!(stored <= 2 * steps as usize, "{stored} items stored for {steps}");
+    }
+
+    #[test]
+    fn a_delta_stored_before_segments_existed_is_followed_by_the_whole_value() {
+        let graph = fan_graph();
+        let g = &graph.inner;
+        let mut values = Values::new();
+        values.insert("items".to_owned(), Arc::new(json!(["a".repeat(INLINE_MAX), "b"])));
+        let legacy = ChannelVersion { segment: None, rows: 0, items: 0, ..ChannelVersion::delta(2, 1, 1, 1) };
+        let body = CheckpointBody { versions: [("items".to_owned(), legacy)].into(), ..Default::default() };
+        let w = TaskOutput { writes: vec![("items".into(), json!("c"))], goto: vec![] };
+        let applied = apply_step(g, &body, &mut values, vec![("x", w)], 3, true).unwrap();
+        assert_eq!(applied.blobs[0].base, None);
+        assert_eq!(applied.body.versions["items"], ChannelVersion::whole(3));
+        assert_eq!(codec::decode::<Value>(&applied.blobs[0].data).unwrap(), json!(["a".repeat(INLINE_MAX), "b", "c"]));
     }
 
     #[test]
@@ -402,16 +496,17 @@ mod tests {
         let g = &graph.inner;
         let mut values = Values::new();
         let w = |v: Value| TaskOutput { writes: vec![("items".into(), v)], goto: vec![] };
-        let first = apply_step(g, &CheckpointBody::default(), &mut values, vec![("x", w(json!("a")))], 1).unwrap();
+        let first =
+            apply_step(g, &CheckpointBody::default(), &mut values, vec![("x", w(json!("a")))], 1, true).unwrap();
         assert!(first.blobs.is_empty());
         assert_eq!(first.body.versions["items"].i, Some(json!(["a"])));
         // Appending to an inline value stores the whole list: inline while small, then a row.
-        let second = apply_step(g, &first.body, &mut values, vec![("x", w(json!("b")))], 2).unwrap();
+        let second = apply_step(g, &first.body, &mut values, vec![("x", w(json!("b")))], 2, true).unwrap();
         assert_eq!(second.body.versions["items"].i, Some(json!(["a", "b"])));
         let big = "c".repeat(INLINE_MAX);
-        let third = apply_step(g, &second.body, &mut values, vec![("x", w(json!(big)))], 3).unwrap();
+        let third = apply_step(g, &second.body, &mut values, vec![("x", w(json!(big)))], 3, true).unwrap();
         assert_eq!(third.blobs[0].base, None);
-        assert_eq!(third.body.versions["items"], ChannelVersion { v: 3, d: false, i: None });
+        assert_eq!(third.body.versions["items"], ChannelVersion::whole(3));
         assert_eq!(codec::decode::<Value>(&third.blobs[0].data).unwrap(), json!(["a", "b", big]));
     }
 
@@ -422,9 +517,9 @@ mod tests {
         let mut values = Values::new();
         let set = TaskOutput { writes: vec![("flag".into(), json!(true))], goto: vec![] };
         let none = TaskOutput { writes: vec![], goto: vec![] };
-        let first = apply_step(g, &CheckpointBody::default(), &mut values, vec![("x", set)], 1).unwrap();
+        let first = apply_step(g, &CheckpointBody::default(), &mut values, vec![("x", set)], 1, true).unwrap();
         assert_eq!(*values["flag"], json!(true));
-        let second = apply_step(g, &first.body, &mut values, vec![("x", none)], 2).unwrap();
+        let second = apply_step(g, &first.body, &mut values, vec![("x", none)], 2, true).unwrap();
         assert!(!values.contains_key("flag"));
         assert!(!second.body.versions.contains_key("flag"));
     }

@@ -105,7 +105,7 @@ impl Graph {
         drop(snapshot);
         let id = lease.next_checkpoint_id();
         let writer = as_node.unwrap_or("update");
-        let mut applied = algo::apply_step(g, &prev_body, &mut values, vec![(writer, output)], id)?;
+        let mut applied = algo::apply_step(g, &prev_body, &mut values, vec![(writer, output)], id, true)?;
         if as_node.is_none() {
             applied.body.next = prev_body.next.clone();
         }

@@ -464,7 +464,8 @@ impl<'a> Loop<'a> {
                 };
                 let output = algo::input_output(&self.graph.inner, &State::new(values.clone()), update)?;
                 let id = self.lease.next_checkpoint_id();
-                let applied = algo::apply_step(&self.graph.inner, &prev_body, &mut values, vec![(START, output)], id)?;
+                let applied =
+                    algo::apply_step(&self.graph.inner, &prev_body, &mut values, vec![(START, output)], id, true)?;
                 let body = Arc::new(applied.body);
                 let checkpoint = NewCheckpoint {
                     id,
@@ -668,7 +669,9 @@ impl<'a> Loop<'a> {
         });
         let stops_after = outputs.iter().any(|(t, _)| g.interrupt_after.contains(&t.node));
         let by_node: Vec<(&str, TaskOutput)> = outputs.into_iter().map(|(t, o)| (t.node.as_str(), o)).collect();
-        let applied = algo::apply_step(g, &cur.body, &mut cur.values, by_node, new_id)?;
+        // Held-back steps (durability exit) are written as one delta; its segment closes at the flush.
+        let close_segments = self.config.durability != Durability::Exit;
+        let applied = algo::apply_step(g, &cur.body, &mut cur.values, by_node, new_id, close_segments)?;
         let after = stops_after && !applied.body.next.is_empty();
         if after {
             metadata["interrupt_after"] = Value::Bool(true);
@@ -1003,12 +1006,19 @@ impl<'a> Loop<'a> {
             let Some(version) = std::sync::Arc::make_mut(&mut checkpoint.body).versions.get_mut(&channel) else {
                 continue;
             };
-            let data = match held.base {
-                Some(_) => codec::encode(&held.items)?,
-                None => codec::encode(cur.values.get(&channel).map_or(&Value::Null, AsRef::as_ref))?,
+            let value = cur.values.get(&channel).map_or(&Value::Null, AsRef::as_ref);
+            // A delta's version, as the steps left it, counts the items since its segment's start
+            // (its rows are overcounted: each held step counted one): the held items go in one
+            // delta on the durable version, or in the segment's row if it is full.
+            let (base, data) = if let Some(base) = held.base {
+                let segment = algo::close_segment(version, value)?;
+                segment.map_or_else(|| codec::encode(&held.items).map(|data| (base, data)), Ok)?
+            } else {
+                *version = ChannelVersion::whole(held.version);
+                blobs.push(ChannelBlob { channel, version: held.version, base: None, data: codec::encode(value)? });
+                continue;
             };
-            *version = ChannelVersion { v: held.version, d: held.base.is_some(), i: None };
-            blobs.push(ChannelBlob { channel, version: held.version, base: held.base, data });
+            blobs.push(ChannelBlob { channel, version: held.version, base: Some(base), data });
         }
         self.commit_now(checkpoint, blobs).await
     }

@@ -176,7 +176,44 @@ pub struct ChannelVersion {
     /// no row of its own, so no row header and index entry of several times its size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub i: Option<Value>,
+    /// For a delta: the version its chain's open segment starts at (the whole value, or the last
+    /// segment row); `None` for a delta stored before segments existed.
+    #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
+    pub segment: Option<u64>,
+    /// For a delta: the rows stored since `segment`, this one included.
+    #[serde(rename = "t", default, skip_serializing_if = "is_zero")]
+    pub rows: u32,
+    /// For a delta: the items appended since `segment`.
+    #[serde(rename = "m", default, skip_serializing_if = "is_zero")]
+    pub items: u64,
 }
+
+impl ChannelVersion {
+    /// A whole value stored in a row of its own.
+    pub fn whole(v: u64) -> Self {
+        ChannelVersion { v, d: false, i: None, segment: None, rows: 0, items: 0 }
+    }
+
+    /// A whole value kept inline.
+    pub fn inline(v: u64, value: Value) -> Self {
+        ChannelVersion { i: Some(value), ..Self::whole(v) }
+    }
+
+    /// A delta row: `items` appended since the segment that starts at `segment`, in `rows` rows.
+    pub fn delta(v: u64, segment: u64, rows: u32, items: u64) -> Self {
+        ChannelVersion { v, d: true, i: None, segment: Some(segment), rows, items }
+    }
+}
+
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
+}
+
+/// How many rows a delta chain's open segment holds before it is closed: that step's row holds
+/// every item appended since the segment started and is based on the segment's start, so the
+/// chain that rebuilds a value skips the segment's deltas. A chain is at most
+/// `SEGMENT_ROWS - 1` deltas plus one row per closed segment, each item stored at most twice.
+pub const SEGMENT_ROWS: u32 = 32;
 
 /// The largest encoded value a checkpoint keeps inline (see [`ChannelVersion::i`]).
 pub const INLINE_MAX: usize = 32;
@@ -717,17 +754,17 @@ pub(crate) struct ChannelRows {
     pub data: Vec<Vec<u8>>,
 }
 
-/// The blob rows a checkpoint needs, per channel as a version range: exactly its version for a
-/// whole value; for a delta every version up to it, so the chain is read in one query whatever
-/// its length (rows of other branches come along and are ignored). Inline values have no rows.
-pub(crate) fn blob_ranges(body: &CheckpointBody) -> impl Iterator<Item = (&str, u64, u64)> {
+/// The row each stored channel version of a checkpoint starts from (inline values have none):
+/// a whole value is that row; a delta's chain goes on through each row's `base`, which the SQL
+/// backends follow in one recursive query.
+pub(crate) fn blob_heads(body: &CheckpointBody) -> impl Iterator<Item = (&str, u64)> {
     body.versions
         .iter()
         .filter(|(_, version)| version.i.is_none())
-        .map(|(channel, version)| (channel.as_str(), if version.d { 0 } else { version.v }, version.v))
+        .map(|(channel, version)| (channel.as_str(), version.v))
 }
 
-/// [`materialize`] over the rows read with [`blob_ranges`].
+/// [`materialize`] over the rows read from [`blob_heads`].
 pub(crate) fn materialize_rows(body: &CheckpointBody, rows: Vec<ChannelRows>) -> Result<BTreeMap<String, Value>> {
     /// A channel's stored versions: version -> (base, data).
     type Versions = std::collections::HashMap<u64, (Option<u64>, Vec<u8>)>;

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     ChannelRows, CheckpointMeta, CheckpointRow, Checkpointer, GraphIdentity, Lease, LeaseRequest, ListFilter, MetaRow,
-    PendingWrite, PutOutcome, StepCommit, StepRef, StoredCheckpoint, ThreadInfo, ThreadRow, WriteRow, blob_ranges,
+    PendingWrite, PutOutcome, StepCommit, StepRef, StoredCheckpoint, ThreadInfo, ThreadRow, WriteRow, blob_heads,
     blobs_to_keep, materialize_rows, stale_task, store_error,
 };
 use crate::error::{Error, Result, until_words};
@@ -833,29 +833,41 @@ impl PostgresCheckpointer {
         .map_err(pg_error("load"))?;
         let Some(LoadRow { tid, row }) = row else { return Ok(None) };
         let body = row.body()?;
-        let (channels, (lo, hi)): (Vec<&str>, (Vec<i64>, Vec<i64>)) =
-            blob_ranges(&body).map(|(c, lo, hi)| (c, (lo as i64, hi as i64))).unzip();
+        let (channels, heads): (Vec<&str>, Vec<i64>) = blob_heads(&body).map(|(c, v)| (c, v as i64)).unzip();
         let rows: Vec<ChannelRows> = if channels.is_empty() {
             Vec::new()
         } else {
+            // Each channel's chain from its head row through `base`, one primary-key probe a row
+            // (at most SEGMENT_ROWS - 1 deltas plus a row per closed segment), aggregated into one
+            // row of arrays per channel. Every probe is a LIMIT 1 subquery so the planner cannot
+            // flatten it into a join that scans the thread's rows on each step of the recursion
+            // (which it does when its statistics predate the rows).
             sqlx::query_as(
-                // Per channel, one primary-key range scan aggregated into arrays: a long delta
-                // chain comes back as one row of three arrays rather than a thousand rows.
-                "SELECT k.channel, v.versions, v.bases, v.data
-                 FROM unnest($3::text[], $4::int8[], $5::int8[]) AS k(channel, lo, hi)
-                    CROSS JOIN LATERAL (
-                        SELECT coalesce(array_agg(v.version), '{}') AS versions,
-                               coalesce(array_agg(v.base), '{}') AS bases,
-                               coalesce(array_agg(v.data), '{}') AS data
-                        FROM agentic.channel_values v
-                        WHERE v.tid = $1 AND v.ns = $2 AND v.channel = k.channel AND v.version BETWEEN k.lo AND k.hi
-                    ) v",
+                "WITH RECURSIVE chain AS (
+                    SELECT v.channel, v.version, v.base, v.data
+                    FROM unnest($3::text[], $4::int8[]) AS k(channel, version)
+                        CROSS JOIN LATERAL (
+                            SELECT v.channel, v.version, v.base, v.data FROM agentic.channel_values v
+                            WHERE v.tid = $1 AND v.ns = $2 AND v.channel = k.channel AND v.version = k.version
+                            LIMIT 1
+                        ) v
+                    UNION ALL
+                    SELECT v.channel, v.version, v.base, v.data
+                    FROM chain c
+                        CROSS JOIN LATERAL (
+                            SELECT v.channel, v.version, v.base, v.data FROM agentic.channel_values v
+                            WHERE v.tid = $1 AND v.ns = $2 AND v.channel = c.channel AND v.version = c.base
+                                AND v.version < c.version
+                            LIMIT 1
+                        ) v
+                 )
+                 SELECT channel, array_agg(version) AS versions, array_agg(base) AS bases, array_agg(data) AS data
+                 FROM chain GROUP BY channel",
             )
             .bind(tid)
             .bind(ns)
             .bind(channels)
-            .bind(lo)
-            .bind(hi)
+            .bind(heads)
             .fetch_all(&self.pool)
             .await
             .map_err(pg_error("load"))?

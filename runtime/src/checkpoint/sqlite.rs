@@ -20,7 +20,7 @@ use sqlx::{Sqlite, Transaction};
 
 use super::{
     ChannelRows, CheckpointMeta, CheckpointRow, Checkpointer, GraphIdentity, Lease, LeaseRequest, ListFilter, MetaRow,
-    PendingWrite, PutOutcome, StepCommit, StepRef, StoredCheckpoint, ThreadInfo, ThreadRow, WriteRow, blob_ranges,
+    PendingWrite, PutOutcome, StepCommit, StepRef, StoredCheckpoint, ThreadInfo, ThreadRow, WriteRow, blob_heads,
     blobs_to_keep, materialize_rows, stale_task, store_error, unix_micros,
 };
 use crate::error::{Error, Result};
@@ -318,16 +318,25 @@ impl Checkpointer for SqliteCheckpointer {
         let Some(LoadRow { tid, row }) = row else { return Ok(None) };
         let body = row.body()?;
         let mut rows: Vec<ChannelRows> = Vec::with_capacity(body.versions.len());
-        for (channel, lo, hi) in blob_ranges(&body) {
+        for (channel, head) in blob_heads(&body) {
+            // The chain from the head row through `base`, one key probe a row. CROSS JOIN keeps
+            // the chain as the outer loop: with a plain join SQLite 3.51 scans the channel's rows
+            // on every step of the recursion.
             let found: Vec<(i64, Option<i64>, Vec<u8>)> = sqlx::query_as(
-                "SELECT version, base, data FROM channel_values
-                 WHERE tid = ?1 AND ns = ?2 AND channel = ?3 AND version BETWEEN ?4 AND ?5",
+                "WITH RECURSIVE chain(version, base, data) AS (
+                    SELECT version, base, data FROM channel_values
+                    WHERE tid = ?1 AND ns = ?2 AND channel = ?3 AND version = ?4
+                    UNION ALL
+                    SELECT v.version, v.base, v.data
+                    FROM chain c CROSS JOIN channel_values v
+                    WHERE v.tid = ?1 AND v.ns = ?2 AND v.channel = ?3 AND v.version = c.base AND v.version < c.version
+                 )
+                 SELECT version, base, data FROM chain",
             )
             .bind(tid)
             .bind(ns)
             .bind(channel)
-            .bind(lo as i64)
-            .bind(hi as i64)
+            .bind(head as i64)
             .fetch_all(&mut *tx)
             .await
             .map_err(&fail)?;

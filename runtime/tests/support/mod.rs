@@ -113,7 +113,7 @@ impl Commit {
         let id = self.0.checkpoint.id;
         std::sync::Arc::make_mut(&mut self.0.checkpoint.body)
             .versions
-            .insert(channel.to_owned(), ChannelVersion { v: id, d: false, i: None });
+            .insert(channel.to_owned(), ChannelVersion::whole(id));
         self.0.blobs.push(ChannelBlob { channel: channel.to_owned(), version: id, base: None, data: bytes(value) });
         self
     }
@@ -123,7 +123,7 @@ impl Commit {
         let id = self.0.checkpoint.id;
         std::sync::Arc::make_mut(&mut self.0.checkpoint.body)
             .versions
-            .insert(channel.to_owned(), ChannelVersion { v: id, d: false, i: Some(value.clone()) });
+            .insert(channel.to_owned(), ChannelVersion::inline(id, value.clone()));
         self
     }
 
@@ -132,7 +132,7 @@ impl Commit {
         let id = self.0.checkpoint.id;
         std::sync::Arc::make_mut(&mut self.0.checkpoint.body)
             .versions
-            .insert(channel.to_owned(), ChannelVersion { v: id, d: base.is_some(), i: None });
+            .insert(channel.to_owned(), appended(id, base, items));
         self.0.blobs.push(ChannelBlob { channel: channel.to_owned(), version: id, base, data: bytes(items) });
         self
     }
@@ -140,6 +140,15 @@ impl Commit {
     /// The commit.
     pub fn build(self) -> StepCommit {
         self.0
+    }
+}
+
+/// The version of `items` appended on `base`: a delta opening a segment right after `base`, or a
+/// whole list.
+fn appended(id: u64, base: Option<u64>, items: &Value) -> ChannelVersion {
+    match base {
+        Some(base) => ChannelVersion::delta(id, base, 1, items.as_array().map_or(1, Vec::len) as u64),
+        None => ChannelVersion::whole(id),
     }
 }
 
