@@ -343,15 +343,36 @@ impl Graph {
             graph: &self.inner.identity,
             allow_graph_change: config.allow_graph_change,
         };
-        let lease = store_call(|| self.store.acquire(request.clone())).await?;
+        // A new run's admission is built as if the thread were new and offered with the lease
+        // request: on a new thread both are stored at once (one round trip on PostgreSQL).
+        let first = match (&input, config.checkpoint) {
+            (Input::Start(update), None) => {
+                Some(FirstAdmission::new(&self.inner, thread, &config.owner, update.clone())?)
+            }
+            _ => None,
+        };
+        let (lease, admitted) = match &first {
+            Some(first) => store_call(|| self.store.acquire_admitting(request.clone(), &first.commit)).await?,
+            None => (store_call(|| self.store.acquire(request.clone())).await?, false),
+        };
         // A thread with no checkpoint at all when the lease was taken has no head to load, and
         // nobody else can add one while the lease is held.
-        let head = if lease.is_fresh() { None } else { store_call(|| self.store.load(thread, "", None)).await? };
+        let head =
+            if admitted || lease.is_fresh() { None } else { store_call(|| self.store.load(thread, "", None)).await? };
+        // The head is this run's own admission if an earlier try of the call above stored it but
+        // its answer was lost: the run goes on from it instead of applying the input twice.
+        let adopted = matches!((&first, &head), (Some(first), Some(head)) if first.is(head));
         let mut run = Loop::new(self, Arc::new(lease), thread, String::new(), config, events, head);
-        if let Some(id) = config.checkpoint {
-            run.fork_from(id).await?;
+        match first {
+            Some(first) if admitted => run.admitted(first),
+            Some(_) if adopted => run.made_here = true,
+            _ => {
+                if let Some(id) = config.checkpoint {
+                    run.fork_from(id).await?;
+                }
+                run.admit(input).await?;
+            }
         }
-        run.admit(input).await?;
         let outcome = run.run().await;
         run.settle().await?;
         let outcome = outcome?;
@@ -360,6 +381,59 @@ impl Graph {
         }
         Ok(outcome)
     }
+}
+
+/// A run's admission as the first checkpoint of a new thread, built before the lease says
+/// whether the thread is new. Its metadata carries a random `admit` mark that tells it apart
+/// from any other run's admission.
+struct FirstAdmission {
+    commit: StepCommit,
+    current: Current,
+    mark: String,
+}
+
+impl FirstAdmission {
+    fn new(graph: &crate::graph::GraphInner, thread: &str, owner: &str, update: Update) -> Result<Self> {
+        let mark = format!("{:016x}", rand::random::<u64>());
+        let metadata = json!({"owner": owner, "admit": mark});
+        let (checkpoint, blobs, current) = admission(graph, None, None, 1, update, metadata)?;
+        let commit = StepCommit { thread: thread.to_owned(), ns: String::new(), checkpoint, blobs };
+        Ok(FirstAdmission { commit, current, mark })
+    }
+
+    /// Whether `head` is this admission, stored.
+    fn is(&self, head: &StoredCheckpoint) -> bool {
+        head.id == self.commit.checkpoint.id && head.metadata.get("admit").and_then(Value::as_str) == Some(&self.mark)
+    }
+}
+
+/// A run's admission: `update` (the run's input) applied on `prev` (the head standing at
+/// `parent`; `None` on a new thread) as checkpoint `id`.
+fn admission(
+    graph: &crate::graph::GraphInner,
+    prev: Option<Current>,
+    parent: Option<u64>,
+    id: u64,
+    update: Update,
+    metadata: Value,
+) -> Result<(NewCheckpoint, Vec<ChannelBlob>, Current)> {
+    let (prev_body, mut values, step) = match prev {
+        Some(cur) => (cur.body, cur.values, cur.step),
+        None => (Arc::default(), Values::new(), 0),
+    };
+    let output = algo::input_output(graph, &State::new(values.clone()), update)?;
+    let applied = algo::apply_step(graph, &prev_body, &mut values, vec![(START, output)], id, true)?;
+    let body = Arc::new(applied.body);
+    let checkpoint = NewCheckpoint {
+        id,
+        parent,
+        expected_head: parent,
+        step,
+        source: Source::Input,
+        body: Arc::clone(&body),
+        metadata: Arc::new(metadata),
+    };
+    Ok((checkpoint, applied.blobs, Current { id, step, body, values, interrupt_after: false }))
 }
 
 struct Loop<'a> {
@@ -458,27 +532,13 @@ impl<'a> Loop<'a> {
                         nodes.join(", ")
                     )));
                 }
-                let (prev_body, mut values, step) = match self.current.take() {
-                    Some(cur) => (cur.body, cur.values, cur.step),
-                    None => (Arc::default(), Values::new(), 0),
-                };
-                let output = algo::input_output(&self.graph.inner, &State::new(values.clone()), update)?;
                 let id = self.lease.next_checkpoint_id();
-                let applied =
-                    algo::apply_step(&self.graph.inner, &prev_body, &mut values, vec![(START, output)], id, true)?;
-                let body = Arc::new(applied.body);
-                let checkpoint = NewCheckpoint {
-                    id,
-                    parent: self.head,
-                    expected_head: self.head,
-                    step,
-                    source: Source::Input,
-                    body: Arc::clone(&body),
-                    metadata: Arc::new(json!({"owner": self.lease.owner})),
-                };
+                let metadata = json!({"owner": self.lease.owner});
+                let (checkpoint, blobs, current) =
+                    admission(&self.graph.inner, self.current.take(), self.head, id, update, metadata)?;
                 // Admission: the run is durable before its first node runs, whatever the durability mode.
-                self.commit_now(checkpoint, applied.blobs).await?;
-                self.current = Some(Current { id, step, body, values, interrupt_after: false });
+                self.commit_now(checkpoint, blobs).await?;
+                self.current = Some(current);
                 self.made_here = true;
                 self.emit_values();
                 Ok(())
@@ -537,6 +597,16 @@ impl<'a> Loop<'a> {
                 Ok(())
             }
         }
+    }
+
+    /// Stands on a new thread's admission, stored with the lease.
+    fn admitted(&mut self, first: FirstAdmission) {
+        let id = first.commit.checkpoint.id;
+        self.head = Some(id);
+        self.current = Some(first.current);
+        self.made_here = true;
+        self.emit(Event::Checkpoint { id, step: 0 });
+        self.emit_values();
     }
 
     fn static_interrupt_pending(&self, cur: &Current) -> bool {

@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use agentic_runtime::checkpoint::{
-    Checkpointer, Lease, LeaseRequest, ListFilter, PendingTask, PutOutcome, Source, StepRef, WriteKind,
+    Checkpointer, Lease, LeaseRequest, ListFilter, PendingTask, PutOutcome, Source, StepCommit, StepRef, WriteKind,
 };
 use agentic_runtime::{Error, MemoryCheckpointer, PostgresCheckpointer, SqliteCheckpointer};
 use serde_json::{Value, json};
@@ -71,6 +71,7 @@ conformance!(
     an_append_channel_of_200_deltas_materialises_the_full_list,
     namespaces_have_their_own_heads_and_checkpoints,
     inline_values_load_beside_stored_rows_and_survive_a_prune,
+    a_new_thread_is_leased_and_admitted_at_once_and_an_old_one_only_leased,
 );
 
 async fn commits_a_checkpoint_and_loads_it_as_head_and_by_id(store: &dyn Checkpointer) {
@@ -534,6 +535,30 @@ async fn an_append_channel_of_200_deltas_materialises_the_full_list(store: &dyn 
     assert_eq!(head.values["messages"], Value::Array(expected.clone()));
     let middle = store.load("t", "", Some(120)).await.unwrap().unwrap();
     assert_eq!(middle.values["messages"], Value::Array(expected[..120].to_vec()));
+}
+
+/// The first checkpoint of a new thread: `x` = 1 written whole.
+fn first_commit(thread: &str) -> StepCommit {
+    Commit::new(thread, 1).set("x", &json!("a value of more than thirty-two bytes, kept in a row")).build()
+}
+
+async fn a_new_thread_is_leased_and_admitted_at_once_and_an_old_one_only_leased(store: &dyn Checkpointer) {
+    let identity = graph();
+    let ask = || LeaseRequest { thread: "t", owner: "runner-a", graph: &identity, allow_graph_change: false };
+    let (lease, admitted) = store.acquire_admitting(ask(), &first_commit("t")).await.unwrap();
+    assert!(admitted, "a new thread stores the admission with its lease");
+    assert_eq!(lease.next_checkpoint_id(), 2, "the admission's id is allocated");
+    let head = store.load("t", "", None).await.unwrap().unwrap();
+    assert_eq!((head.id, head.parent), (1, None));
+    assert_eq!(head.values["x"], json!("a value of more than thirty-two bytes, kept in a row"));
+    drop(lease);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await; // PostgreSQL unlocks on a task
+
+    let (lease, admitted) = store.acquire_admitting(ask(), &first_commit("t")).await.unwrap();
+    assert!(!admitted, "an existing thread stores nothing");
+    assert_eq!(store.list("t", "", &ListFilter::default()).await.unwrap().len(), 1);
+    assert_eq!(lease.next_checkpoint_id(), 2, "ids go on after the stored ones");
+    assert!(lease.epoch > 1);
 }
 
 async fn namespaces_have_their_own_heads_and_checkpoints(store: &dyn Checkpointer) {

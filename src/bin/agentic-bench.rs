@@ -1340,6 +1340,10 @@ static STATEMENT_LOG: LazyLock<Mutex<HashMap<String, (u64, f64)>>> = LazyLock::n
 /// Statements of the runtime recognised by a fragment of their text; others are named by
 /// their first words.
 const STATEMENT_LABELS: &[(&str, &str)] = &[
+    (
+        "FROM fresh f, unnest",
+        "acquire lease + admission: advisory lock, thread epoch bump, a new thread's first checkpoint",
+    ),
     ("pg_try_advisory_lock", "acquire lease: advisory lock + thread epoch bump"),
     ("(SELECT max(c.id)", "acquire lease: highest checkpoint id"),
     ("INSERT INTO agentic.checkpoints", "commit step: fence, head CAS, checkpoint, values, folded writes"),

@@ -450,6 +450,22 @@ pub trait Checkpointer: Send + Sync + 'static {
     /// while another live runner holds it, and [`Error::GraphMismatch`] if another graph owns it.
     async fn acquire(&self, request: LeaseRequest<'_>) -> Result<Lease>;
 
+    /// [`Checkpointer::acquire`], and if the thread is new, [`Checkpointer::commit`] of
+    /// `admission` under the new lease: a run's first checkpoint, built before the thread was
+    /// known to be new (id 1, no parent, no expected head). PostgreSQL does both in one
+    /// statement. Returns the lease and whether `admission` was committed; if it was, the lease
+    /// has allocated its id. If not, nothing of it is stored (the thread had a checkpoint, or
+    /// the backend did not admit it): the caller admits its run as usual.
+    async fn acquire_admitting(&self, request: LeaseRequest<'_>, admission: &StepCommit) -> Result<(Lease, bool)> {
+        let lease = self.acquire(request).await?;
+        if !lease.is_fresh() || admission.checkpoint.id != 1 {
+            return Ok((lease, false));
+        }
+        self.commit(&lease, admission).await?;
+        lease.next_checkpoint_id();
+        Ok((lease, true))
+    }
+
     /// The thread's record, if it exists.
     async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>>;
 

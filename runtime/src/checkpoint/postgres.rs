@@ -444,6 +444,41 @@ bumped AS (
 SELECT lock.locked, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true
 ";
 
+/// [`TAKE_SQL`] that also stores a run's first checkpoint (`$7`..`$14`: id, step, source, body,
+/// metadata, values) if the thread row was just inserted (epoch 1: a new `tid`, so no
+/// checkpoint of it can exist): a new thread's lease and admission in one round trip and one
+/// WAL flush. Nothing is stored for a thread that already existed.
+const TAKE_ADMIT_SQL: &str = r"
+WITH lock AS (
+    SELECT pg_try_advisory_lock($6) AS locked
+),
+bumped AS (
+    INSERT INTO agentic.threads (thread_id, graph_name, graph_hash, owner, epoch)
+    SELECT $1, $2, $3, $4, 1 FROM lock WHERE locked
+    ON CONFLICT (thread_id) DO UPDATE
+    SET epoch = threads.epoch + 1, owner = excluded.owner, updated_at = now(),
+        graph_name = excluded.graph_name, graph_hash = excluded.graph_hash
+    WHERE $5 OR (threads.graph_name = excluded.graph_name AND threads.graph_hash = excluded.graph_hash)
+    RETURNING tid, epoch
+),
+fresh AS (
+    SELECT tid FROM bumped WHERE epoch = 1
+),
+born AS (
+    INSERT INTO agentic.heads (tid, ns, head) SELECT tid, '', $7 FROM fresh
+),
+saved AS (
+    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata)
+    SELECT tid, '', $7, NULL, $8, $9, $10, $11::jsonb FROM fresh
+),
+blobs AS (
+    INSERT INTO agentic.channel_values (tid, ns, channel, version, base, data)
+    SELECT f.tid, '', b.channel, b.version, b.base, b.data
+    FROM fresh f, unnest($12::text[], $13::int8[], $14::int8[], $15::bytea[]) AS b(channel, version, base, data)
+)
+SELECT lock.locked, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true
+";
+
 /// What [`TAKE_SQL`] did: no `tid` with `locked` means another graph owns the thread.
 #[derive(sqlx::FromRow)]
 struct Taken {
@@ -713,8 +748,24 @@ impl PostgresCheckpointer {
 
     /// Takes the advisory lock on the lease session and, holding it, the thread: the epoch bumped,
     /// the graph checked, the highest checkpoint id read. `Ok(None)`: another runner holds it.
-    async fn take(&self, request: &LeaseRequest<'_>, key: i64) -> Result<Option<(Taken, u64, u64)>> {
+    /// Takes the lease (see [`TAKE_SQL`]); with `admission`, stores it too if the thread is new
+    /// (see [`TAKE_ADMIT_SQL`]). Returns what the statement did, the highest checkpoint id (the
+    /// admission's if it was stored) and the lease session's generation; `None` if the lock is
+    /// held.
+    async fn take(
+        &self,
+        request: &LeaseRequest<'_>,
+        key: i64,
+        admission: Option<&StepCommit>,
+    ) -> Result<Option<(Taken, u64, u64)>> {
         let fail = pg_error("acquire");
+        let encoded = match admission {
+            Some(commit) => Some((
+                super::codec::encode(&*commit.checkpoint.body)?,
+                serde_json::to_string(&*commit.checkpoint.metadata)?,
+            )),
+            None => None,
+        };
         let mut guard = self.leases.conn.lock().await;
         let held_here = self.leases.held().get(&key) == Some(&guard.0);
         if held_here {
@@ -736,21 +787,34 @@ impl PostgresCheckpointer {
             }
             let generation = guard.0;
             let Some(conn) = guard.1.as_mut() else { continue };
-            let taken: std::result::Result<Taken, sqlx::Error> = sqlx::query_as(TAKE_SQL)
+            let mut query = sqlx::query_as(if admission.is_some() { TAKE_ADMIT_SQL } else { TAKE_SQL })
                 .bind(request.thread)
                 .bind(&request.graph.name)
                 .bind(&request.graph.hash)
                 .bind(request.owner)
                 .bind(request.allow_graph_change)
-                .bind(key)
-                .fetch_one(&mut *conn)
-                .await;
+                .bind(key);
+            if let (Some(commit), Some((body, metadata))) = (admission, &encoded) {
+                let ckpt = &commit.checkpoint;
+                query = query
+                    .bind(ckpt.id as i64)
+                    .bind(ckpt.step as i64)
+                    .bind(ckpt.source.as_str())
+                    .bind(body.as_slice())
+                    .bind(metadata.as_str())
+                    .bind(commit.blobs.iter().map(|b| b.channel.as_str()).collect::<Vec<_>>())
+                    .bind(i64s(commit.blobs.iter().map(|b| b.version)))
+                    .bind(commit.blobs.iter().map(|b| b.base.map(|v| v as i64)).collect::<Vec<_>>())
+                    .bind(commit.blobs.iter().map(|b| b.data.as_slice()).collect::<Vec<_>>());
+            }
+            let taken: std::result::Result<Taken, sqlx::Error> = query.fetch_one(&mut *conn).await;
             match taken {
                 Ok(taken) if !taken.locked => return Ok(None),
                 Ok(taken) => {
                     let outcome = match (taken.tid, taken.epoch) {
-                        // Epoch 1: the row was just inserted, under a new tid: no checkpoint yet.
-                        (Some(_), Some(1)) => Ok(0),
+                        // Epoch 1: the row was just inserted, under a new tid: no checkpoint yet
+                        // but the admission, if the statement stored one.
+                        (Some(_), Some(1)) => Ok(admission.map_or(0, |commit| commit.checkpoint.id)),
                         (Some(tid), Some(_)) => Self::max_seq(conn, tid).await,
                         _ => Err(Self::graph_mismatch(conn, request).await.unwrap_or_else(|err| err)),
                     };
@@ -782,6 +846,29 @@ impl PostgresCheckpointer {
             }
         }
         Err(Error::Checkpoint { backend: BACKEND, message: "acquire: no lease session".to_owned(), transient: true })
+    }
+
+    /// Takes a lease, storing `admission` with it on a new thread; returns whether it did.
+    async fn take_lease(&self, request: &LeaseRequest<'_>, admission: Option<&StepCommit>) -> Result<(Lease, bool)> {
+        let key = lease_key(request.thread);
+        let Some((taken, max_seq, generation)) = self.take(request, key, admission).await? else {
+            let owner: Option<Option<String>> =
+                sqlx::query_scalar("SELECT owner FROM agentic.threads WHERE thread_id = $1")
+                    .bind(request.thread)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(pg_error("acquire"))?;
+            return Err(Error::LeaseHeld {
+                thread: request.thread.to_owned(),
+                owner: owner.flatten().unwrap_or_default(),
+                until: until_words(None),
+            });
+        };
+        let epoch = taken.epoch.unwrap_or_default() as u64;
+        let admitted = admission.is_some() && epoch == 1;
+        let guard = HeldLock { session: Arc::clone(&self.leases), key, generation };
+        let lease = Lease::new(request.thread, request.owner, epoch, max_seq, Some(Box::new(guard)));
+        Ok((lease.with_handle(taken.tid), admitted))
     }
 
     /// The highest checkpoint id of a thread, across its namespaces.
@@ -939,24 +1026,16 @@ impl Checkpointer for PostgresCheckpointer {
     }
 
     async fn acquire(&self, request: LeaseRequest<'_>) -> Result<Lease> {
-        let key = lease_key(request.thread);
-        let Some((taken, max_seq, generation)) = self.take(&request, key).await? else {
-            let owner: Option<Option<String>> =
-                sqlx::query_scalar("SELECT owner FROM agentic.threads WHERE thread_id = $1")
-                    .bind(request.thread)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(pg_error("acquire"))?;
-            return Err(Error::LeaseHeld {
-                thread: request.thread.to_owned(),
-                owner: owner.flatten().unwrap_or_default(),
-                until: until_words(None),
-            });
-        };
-        let epoch = taken.epoch.unwrap_or_default() as u64;
-        let guard = HeldLock { session: Arc::clone(&self.leases), key, generation };
-        let lease = Lease::new(request.thread, request.owner, epoch, max_seq, Some(Box::new(guard)));
-        Ok(lease.with_handle(taken.tid))
+        Ok(self.take_lease(&request, None).await?.0)
+    }
+
+    async fn acquire_admitting(&self, request: LeaseRequest<'_>, admission: &StepCommit) -> Result<(Lease, bool)> {
+        let ckpt = &admission.checkpoint;
+        let first = ckpt.id == 1 && ckpt.parent.is_none() && ckpt.expected_head.is_none();
+        if !first || !admission.ns.is_empty() || admission.thread != request.thread {
+            return Ok((self.acquire(request).await?, false));
+        }
+        self.take_lease(&request, Some(admission)).await
     }
 
     async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>> {

@@ -1,0 +1,112 @@
+//! A new thread's lease and its run's admission in one call (`acquire_admitting`; one statement
+//! on PostgreSQL) never admits a run twice: when the answer of a call that went through is lost
+//! and the call is tried again, the run goes on from the admission it stored. (What the call
+//! stores is checked on every backend in the conformance suite.)
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly on unexpected errors")]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use agentic_runtime::checkpoint::{
+    CheckpointMeta, Checkpointer, Lease, LeaseRequest, ListFilter, PendingWrite, PutOutcome, StepCommit, StepRef,
+    StoredCheckpoint, ThreadInfo,
+};
+use agentic_runtime::{
+    Channel, END, Error, Graph, GraphBuilder, Input, MemoryCheckpointer, PostgresCheckpointer, Result, RunConfig,
+    START, Update, node_fn,
+};
+use async_trait::async_trait;
+use serde_json::json;
+
+/// A store whose first `acquire_admitting` that stores an admission answers with a connection
+/// error instead: the call went through, its answer was lost.
+struct LostAnswer {
+    inner: Arc<dyn Checkpointer>,
+    lost: AtomicBool,
+}
+
+#[async_trait]
+impl Checkpointer for LostAnswer {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn acquire(&self, request: LeaseRequest<'_>) -> Result<Lease> {
+        self.inner.acquire(request).await
+    }
+    async fn acquire_admitting(&self, request: LeaseRequest<'_>, admission: &StepCommit) -> Result<(Lease, bool)> {
+        let (lease, admitted) = self.inner.acquire_admitting(request, admission).await?;
+        if admitted && !self.lost.swap(true, Ordering::SeqCst) {
+            drop(lease);
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await; // PostgreSQL unlocks on a task
+            return Err(Error::Checkpoint { backend: "test", message: "connection reset".into(), transient: true });
+        }
+        Ok((lease, admitted))
+    }
+    async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>> {
+        self.inner.thread(thread).await
+    }
+    async fn commit(&self, lease: &Lease, commit: &StepCommit) -> Result<()> {
+        self.inner.commit(lease, commit).await
+    }
+    async fn head(&self, thread: &str, ns: &str) -> Result<Option<u64>> {
+        self.inner.head(thread, ns).await
+    }
+    async fn load(&self, thread: &str, ns: &str, id: Option<u64>) -> Result<Option<StoredCheckpoint>> {
+        self.inner.load(thread, ns, id).await
+    }
+    async fn list(&self, thread: &str, ns: &str, filter: &ListFilter) -> Result<Vec<CheckpointMeta>> {
+        self.inner.list(thread, ns, filter).await
+    }
+    async fn put_writes(&self, step: StepRef<'_>, writes: &[PendingWrite]) -> Result<PutOutcome> {
+        self.inner.put_writes(step, writes).await
+    }
+    async fn pending_writes(&self, step: StepRef<'_>) -> Result<Vec<PendingWrite>> {
+        self.inner.pending_writes(step).await
+    }
+    async fn delete_thread(&self, thread: &str) -> Result<()> {
+        self.inner.delete_thread(thread).await
+    }
+    async fn prune(&self, thread: &str, keep: usize) -> Result<u64> {
+        self.inner.prune(thread, keep).await
+    }
+}
+
+/// Input `n` is added to `total` and `log` gets it appended; one node adds 1 more.
+fn adder(store: Arc<dyn Checkpointer>) -> Graph {
+    GraphBuilder::new("adder")
+        .channel("total", Channel::sum())
+        .channel("log", Channel::append())
+        .node("one", node_fn(|_, _| async { Ok(Update::new().set("total", 1).set("log", "one")) }))
+        .edge(START, "one")
+        .edge("one", END)
+        .compile()
+        .unwrap()
+        .with_checkpointer(store)
+}
+
+/// The run goes on from its own admission, stored by the call whose answer was lost: the input
+/// applies once, and a second run on the thread is admitted as usual.
+async fn a_lost_answer_does_not_admit_the_input_twice(inner: Arc<dyn Checkpointer>) {
+    let store = Arc::new(LostAnswer { inner, lost: AtomicBool::new(false) });
+    let graph = adder(store.clone());
+    let input = || Input::Start(Update::new().set("total", 10).set("log", "input"));
+    let state = graph.invoke("t", input(), &RunConfig::default()).await.unwrap();
+    assert!(store.lost.load(Ordering::SeqCst), "the answer was lost once");
+    let state = state.state().unwrap().to_json();
+    assert_eq!((state["total"].clone(), state["log"].clone()), (json!(11), json!(["input", "one"])));
+    let history = graph.history("t", &ListFilter::default()).await.unwrap();
+    assert_eq!(history.len(), 2, "one admission and one step: {history:?}");
+    let state = graph.invoke("t", input(), &RunConfig::default()).await.unwrap().state().unwrap().to_json();
+    assert_eq!(state["total"], json!(22));
+    assert_eq!(state["log"], json!(["input", "one", "input", "one"]));
+}
+
+#[tokio::test]
+async fn memory_never_admits_twice() {
+    a_lost_answer_does_not_admit_the_input_twice(Arc::new(MemoryCheckpointer::new())).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn postgres_never_admits_twice(pool: sqlx::PgPool) {
+    a_lost_answer_does_not_admit_the_input_twice(Arc::new(PostgresCheckpointer::from_pool(pool).await.unwrap())).await;
+}
