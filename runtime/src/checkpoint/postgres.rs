@@ -424,43 +424,40 @@ folded AS (
 SELECT count(*) FROM won
 ";
 
+/// The lock and the thread upsert of [`TAKE_SQL`] and [`TAKE_ADMIT_SQL`].
+macro_rules! take_ctes {
+    () => {
+        r"
+WITH lock AS (
+    SELECT pg_try_advisory_lock($6) AS locked
+),
+bumped AS (
+    INSERT INTO agentic.threads (thread_id, graph_name, graph_hash, owner, epoch)
+    SELECT $1, $2, $3, $4, 1 FROM lock WHERE locked
+    ON CONFLICT (thread_id) DO UPDATE
+    SET epoch = threads.epoch + 1, owner = excluded.owner, updated_at = now(),
+        graph_name = excluded.graph_name, graph_hash = excluded.graph_hash
+    WHERE $5 OR (threads.graph_name = excluded.graph_name AND threads.graph_hash = excluded.graph_hash)
+    RETURNING tid, epoch
+)"
+    };
+}
+
 /// Takes a thread's lock (`$6`) and, if it got it, the thread: creates it or bumps its epoch,
 /// unless another graph owns it and no change is allowed (`$5`). One round trip. The upsert
 /// works on the newest thread row (it waits for a commit holding it FOR SHARE); the highest
 /// checkpoint id is read by the next statement, whose snapshot sees that commit.
-const TAKE_SQL: &str = r"
-WITH lock AS (
-    SELECT pg_try_advisory_lock($6) AS locked
-),
-bumped AS (
-    INSERT INTO agentic.threads (thread_id, graph_name, graph_hash, owner, epoch)
-    SELECT $1, $2, $3, $4, 1 FROM lock WHERE locked
-    ON CONFLICT (thread_id) DO UPDATE
-    SET epoch = threads.epoch + 1, owner = excluded.owner, updated_at = now(),
-        graph_name = excluded.graph_name, graph_hash = excluded.graph_hash
-    WHERE $5 OR (threads.graph_name = excluded.graph_name AND threads.graph_hash = excluded.graph_hash)
-    RETURNING tid, epoch
-)
-SELECT lock.locked, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true
-";
+const TAKE_SQL: &str =
+    concat!(take_ctes!(), "\nSELECT lock.locked, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true");
 
-/// [`TAKE_SQL`] that also stores a run's first checkpoint (`$7`..`$14`: id, step, source, body,
-/// metadata, values) if the thread row was just inserted (epoch 1: a new `tid`, so no
-/// checkpoint of it can exist): a new thread's lease and admission in one round trip and one
-/// WAL flush. Nothing is stored for a thread that already existed.
-const TAKE_ADMIT_SQL: &str = r"
-WITH lock AS (
-    SELECT pg_try_advisory_lock($6) AS locked
-),
-bumped AS (
-    INSERT INTO agentic.threads (thread_id, graph_name, graph_hash, owner, epoch)
-    SELECT $1, $2, $3, $4, 1 FROM lock WHERE locked
-    ON CONFLICT (thread_id) DO UPDATE
-    SET epoch = threads.epoch + 1, owner = excluded.owner, updated_at = now(),
-        graph_name = excluded.graph_name, graph_hash = excluded.graph_hash
-    WHERE $5 OR (threads.graph_name = excluded.graph_name AND threads.graph_hash = excluded.graph_hash)
-    RETURNING tid, epoch
-),
+/// [`TAKE_SQL`] that also stores a run's first checkpoint (`$7`..`$15`: id, step, source, body,
+/// metadata, and the values' channels, versions, bases and bytes) if the thread row was just
+/// inserted (epoch 1: a new `tid`, so no checkpoint of it can exist): a new thread's lease and
+/// admission in one round trip and one WAL flush. Nothing is stored for a thread that already
+/// existed.
+const TAKE_ADMIT_SQL: &str = concat!(
+    take_ctes!(),
+    r",
 fresh AS (
     SELECT tid FROM bumped WHERE epoch = 1
 ),
@@ -476,8 +473,8 @@ blobs AS (
     SELECT f.tid, '', b.channel, b.version, b.base, b.data
     FROM fresh f, unnest($12::text[], $13::int8[], $14::int8[], $15::bytea[]) AS b(channel, version, base, data)
 )
-SELECT lock.locked, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true
-";
+SELECT lock.locked, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true"
+);
 
 /// What [`TAKE_SQL`] did: no `tid` with `locked` means another graph owns the thread.
 #[derive(sqlx::FromRow)]
