@@ -344,10 +344,12 @@ impl Graph {
             allow_graph_change: config.allow_graph_change,
         };
         // A new run's admission is built as if the thread were new and offered with the lease
-        // request: on a new thread both are stored at once (one round trip on PostgreSQL).
+        // request: on a new thread both are stored at once (one round trip on PostgreSQL). An
+        // input that does not apply to an empty state is left to the usual admission, which
+        // applies it to the thread's state and reports what is wrong.
         let first = match (&input, config.checkpoint) {
             (Input::Start(update), None) => {
-                Some(FirstAdmission::new(&self.inner, thread, &config.owner, update.clone())?)
+                FirstAdmission::new(&self.inner, thread, &config.owner, update.clone()).ok()
             }
             _ => None,
         };
@@ -365,7 +367,9 @@ impl Graph {
         let mut run = Loop::new(self, Arc::new(lease), thread, String::new(), config, events, head);
         match first {
             Some(first) if admitted => run.admitted(first),
-            Some(_) if adopted => run.made_here = true,
+            // Not made here: another runner may have written against it since (its pending
+            // writes are read before the first step).
+            Some(_) if adopted => run.emit_head(),
             _ => {
                 if let Some(id) = config.checkpoint {
                     run.fork_from(id).await?;
@@ -601,11 +605,17 @@ impl<'a> Loop<'a> {
 
     /// Stands on a new thread's admission, stored with the lease.
     fn admitted(&mut self, first: FirstAdmission) {
-        let id = first.commit.checkpoint.id;
-        self.head = Some(id);
+        self.head = Some(first.commit.checkpoint.id);
         self.current = Some(first.current);
         self.made_here = true;
-        self.emit(Event::Checkpoint { id, step: 0 });
+        self.emit_head();
+    }
+
+    /// Reports the checkpoint the run stands on as if this loop had just committed it.
+    fn emit_head(&self) {
+        if let Some(cur) = &self.current {
+            self.emit(Event::Checkpoint { id: cur.id, step: cur.step });
+        }
         self.emit_values();
     }
 

@@ -165,6 +165,30 @@ async fn command_goto_routes_from_inside_a_node() {
 }
 
 #[tokio::test]
+async fn a_router_from_start_reads_the_threads_state_not_an_empty_one() {
+    // The second input leaves out `mode`: the router reads it from the thread's state. (A new
+    // run's admission is first tried on an empty state, where the router fails.)
+    let graph = GraphBuilder::new("router")
+        .channel("mode", Channel::last_value())
+        .channel("path", Channel::append())
+        .node("fast", node_fn(|_, _| async { Ok(Update::new().set("path", "fast")) }))
+        .node("slow", node_fn(|_, _| async { Ok(Update::new().set("path", "slow")) }))
+        .conditional(
+            START,
+            |state| Ok(vec![Goto::node(if state.get::<String>("mode")? == "fast" { "fast" } else { "slow" })]),
+            ["fast", "slow"],
+        )
+        .edge("fast", END)
+        .edge("slow", END)
+        .compile()
+        .unwrap();
+    assert_eq!(done(&graph, "t", start(json!({"mode": "fast"}))).await["path"], json!(["fast"]));
+    assert_eq!(done(&graph, "t", start(json!({"path": "again"}))).await["path"], json!(["fast", "again", "fast"]));
+    let err = graph.invoke("new", start(json!({"path": "x"})), &cfg()).await.unwrap_err();
+    assert!(err.to_string().contains("mode"), "a new thread without `mode` is refused, naming it: {err}");
+}
+
+#[tokio::test]
 async fn recursion_limit_stops_a_runaway_loop_with_a_clear_error() {
     let graph = GraphBuilder::new("forever")
         .channel("n", Channel::sum())
