@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use crate::FastMap;
 use crate::algo::{self, Task, TaskOutput};
 use crate::checkpoint::{
-    ChannelBlob, ChannelVersion, CheckpointBody, Lease, LeaseRequest, NewCheckpoint, PendingWrite, SharedCheckpointer,
-    Source, StepCommit, StepRef, StoredCheckpoint, WriteKind, codec,
+    Begun, ChannelBlob, ChannelVersion, CheckpointBody, Lease, LeaseRequest, NewCheckpoint, PendingWrite,
+    SharedCheckpointer, Source, StepCommit, StepRef, StoredCheckpoint, WriteKind, codec,
 };
 use crate::error::{Error, Result};
 use crate::graph::{Graph, START};
@@ -343,24 +343,18 @@ impl Graph {
             graph: &self.inner.identity,
             allow_graph_change: config.allow_graph_change,
         };
-        // A new run's admission is built as if the thread were new and offered with the lease
-        // request: on a new thread both are stored at once (one round trip on PostgreSQL). An
-        // input that does not apply to an empty state is left to the usual admission, which
-        // applies it to the thread's state and reports what is wrong.
+        // The lease comes with the thread's head, or on a new thread with the run's admission:
+        // built as if the thread were new and stored with the lease (one round trip on
+        // PostgreSQL). An input that does not apply to an empty state is left to the usual
+        // admission, which applies it to the thread's state and reports what is wrong.
         let first = match (&input, config.checkpoint) {
             (Input::Start(update), None) => {
                 FirstAdmission::new(&self.inner, thread, &config.owner, update.clone()).ok()
             }
             _ => None,
         };
-        let (lease, admitted) = match &first {
-            Some(first) => store_call(|| self.store.acquire_admitting(request.clone(), &first.commit)).await?,
-            None => (store_call(|| self.store.acquire(request.clone())).await?, false),
-        };
-        // A thread with no checkpoint at all when the lease was taken has no head to load, and
-        // nobody else can add one while the lease is held.
-        let head =
-            if admitted || lease.is_fresh() { None } else { store_call(|| self.store.load(thread, "", None)).await? };
+        let admission = first.as_ref().map(|first| &first.commit);
+        let Begun { lease, admitted, head } = store_call(|| self.store.begin(request.clone(), admission)).await?;
         // The head is this run's own admission if an earlier try of the call above stored it but
         // its answer was lost: the run goes on from it instead of applying the input twice.
         let adopted = matches!((&first, &head), (Some(first), Some(head)) if first.is(head));

@@ -1,4 +1,4 @@
-//! A new thread's lease and its run's admission in one call (`acquire_admitting`; one statement
+//! A new thread's lease and its run's admission in one call (`Checkpointer::begin`; one statement
 //! on PostgreSQL) never admits a run twice: when the answer of a call that went through is lost
 //! and the call is tried again, the run goes on from the admission it stored. (What the call
 //! stores is checked on every backend in the conformance suite.)
@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use agentic_runtime::checkpoint::{
-    CheckpointMeta, Checkpointer, Lease, LeaseRequest, ListFilter, PendingWrite, PutOutcome, StepCommit, StepRef,
-    StoredCheckpoint, ThreadInfo,
+    Begun, CheckpointMeta, Checkpointer, Lease, LeaseRequest, ListFilter, PendingWrite, PutOutcome, StepCommit,
+    StepRef, StoredCheckpoint, ThreadInfo,
 };
 use agentic_runtime::{
     Channel, END, Error, Graph, GraphBuilder, Input, MemoryCheckpointer, PostgresCheckpointer, Result, RunConfig,
@@ -18,7 +18,7 @@ use agentic_runtime::{
 use async_trait::async_trait;
 use serde_json::json;
 
-/// A store whose first `acquire_admitting` that stores an admission answers with a connection
+/// A store whose first `begin` that stores an admission answers with a connection
 /// error instead: the call went through, its answer was lost.
 struct LostAnswer {
     inner: Arc<dyn Checkpointer>,
@@ -33,14 +33,14 @@ impl Checkpointer for LostAnswer {
     async fn acquire(&self, request: LeaseRequest<'_>) -> Result<Lease> {
         self.inner.acquire(request).await
     }
-    async fn acquire_admitting(&self, request: LeaseRequest<'_>, admission: &StepCommit) -> Result<(Lease, bool)> {
-        let (lease, admitted) = self.inner.acquire_admitting(request, admission).await?;
-        if admitted && !self.lost.swap(true, Ordering::SeqCst) {
-            drop(lease);
+    async fn begin(&self, request: LeaseRequest<'_>, admission: Option<&StepCommit>) -> Result<Begun> {
+        let begun = self.inner.begin(request, admission).await?;
+        if begun.admitted && !self.lost.swap(true, Ordering::SeqCst) {
+            drop(begun);
             tokio::time::sleep(std::time::Duration::from_millis(50)).await; // PostgreSQL unlocks on a task
             return Err(Error::Checkpoint { backend: "test", message: "connection reset".into(), transient: true });
         }
-        Ok((lease, admitted))
+        Ok(begun)
     }
     async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>> {
         self.inner.thread(thread).await

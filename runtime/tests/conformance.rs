@@ -71,7 +71,7 @@ conformance!(
     an_append_channel_of_200_deltas_materialises_the_full_list,
     namespaces_have_their_own_heads_and_checkpoints,
     inline_values_load_beside_stored_rows_and_survive_a_prune,
-    a_new_thread_is_leased_and_admitted_at_once_and_an_old_one_only_leased,
+    a_run_begins_with_the_admission_on_a_new_thread_and_the_head_on_an_old_one,
 );
 
 async fn commits_a_checkpoint_and_loads_it_as_head_and_by_id(store: &dyn Checkpointer) {
@@ -542,23 +542,33 @@ fn first_commit(thread: &str) -> StepCommit {
     Commit::new(thread, 1).set("x", &json!("a value of more than thirty-two bytes, kept in a row")).build()
 }
 
-async fn a_new_thread_is_leased_and_admitted_at_once_and_an_old_one_only_leased(store: &dyn Checkpointer) {
+async fn a_run_begins_with_the_admission_on_a_new_thread_and_the_head_on_an_old_one(store: &dyn Checkpointer) {
     let identity = graph();
     let ask = || LeaseRequest { thread: "t", owner: "runner-a", graph: &identity, allow_graph_change: false };
-    let (lease, admitted) = store.acquire_admitting(ask(), &first_commit("t")).await.unwrap();
-    assert!(admitted, "a new thread stores the admission with its lease");
-    assert_eq!(lease.next_checkpoint_id(), 2, "the admission's id is allocated");
+    let begun = store.begin(ask(), Some(&first_commit("t"))).await.unwrap();
+    assert!(begun.admitted, "a new thread stores the admission with its lease");
+    assert!(begun.head.is_none());
+    assert_eq!(begun.lease.next_checkpoint_id(), 2, "the admission's id is allocated");
     let head = store.load("t", "", None).await.unwrap().unwrap();
     assert_eq!((head.id, head.parent), (1, None));
     assert_eq!(head.values["x"], json!("a value of more than thirty-two bytes, kept in a row"));
-    drop(lease);
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await; // PostgreSQL unlocks on a task
+    drop(begun);
+    tokio::time::sleep(Duration::from_millis(50)).await; // PostgreSQL unlocks on a task
 
-    let (lease, admitted) = store.acquire_admitting(ask(), &first_commit("t")).await.unwrap();
-    assert!(!admitted, "an existing thread stores nothing");
+    let begun = store.begin(ask(), Some(&first_commit("t"))).await.unwrap();
+    assert!(!begun.admitted, "an existing thread stores nothing");
+    let loaded = begun.head.as_ref().expect("an existing thread's head comes with its lease");
+    assert_eq!((loaded.id, &loaded.values), (head.id, &head.values));
     assert_eq!(store.list("t", "", &ListFilter::default()).await.unwrap().len(), 1);
-    assert_eq!(lease.next_checkpoint_id(), 2, "ids go on after the stored ones");
-    assert!(lease.epoch > 1);
+    assert_eq!(begun.lease.next_checkpoint_id(), 2, "ids go on after the stored ones");
+    assert!(begun.lease.epoch > 1);
+    drop(begun);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // Without an admission a new thread is only leased.
+    let begun = store.begin(LeaseRequest { thread: "new", ..ask() }, None).await.unwrap();
+    assert!(!begun.admitted && begun.head.is_none() && begun.lease.is_fresh());
+    assert!(store.load("new", "", None).await.unwrap().is_none());
 }
 
 async fn namespaces_have_their_own_heads_and_checkpoints(store: &dyn Checkpointer) {

@@ -440,6 +440,24 @@ pub struct ThreadInfo {
     pub owner: Option<String>,
 }
 
+/// A run's start on a thread (see [`Checkpointer::begin`]).
+#[derive(Debug)]
+pub struct Begun {
+    /// The thread's lease.
+    pub lease: Lease,
+    /// Whether the offered admission was stored: the thread was new.
+    pub admitted: bool,
+    /// The root namespace's head with its values, if the thread has checkpoints.
+    pub head: Option<StoredCheckpoint>,
+}
+
+/// Whether a commit can be a thread's first checkpoint: id 1 in the root namespace, no parent,
+/// no expected head.
+pub(crate) fn is_first(commit: &StepCommit) -> bool {
+    let ckpt = &commit.checkpoint;
+    ckpt.id == 1 && ckpt.parent.is_none() && ckpt.expected_head.is_none() && commit.ns.is_empty()
+}
+
 /// The checkpoint store.
 #[async_trait]
 pub trait Checkpointer: Send + Sync + 'static {
@@ -450,20 +468,24 @@ pub trait Checkpointer: Send + Sync + 'static {
     /// while another live runner holds it, and [`Error::GraphMismatch`] if another graph owns it.
     async fn acquire(&self, request: LeaseRequest<'_>) -> Result<Lease>;
 
-    /// [`Checkpointer::acquire`], and if the thread is new, [`Checkpointer::commit`] of
-    /// `admission` under the new lease: a run's first checkpoint, built before the thread was
-    /// known to be new (id 1, no parent, no expected head). PostgreSQL does both in one
-    /// statement. Returns the lease and whether `admission` was committed; if it was, the lease
-    /// has allocated its id. If not, nothing of it is stored (the thread had a checkpoint, or
-    /// the backend did not admit it): the caller admits its run as usual.
-    async fn acquire_admitting(&self, request: LeaseRequest<'_>, admission: &StepCommit) -> Result<(Lease, bool)> {
+    /// Starts a run on a thread: [`Checkpointer::acquire`], then on a new thread
+    /// [`Checkpointer::commit`] of `admission` if one is offered (a run's first checkpoint,
+    /// built before the thread was known to be new: id 1, no parent, no expected head), on an
+    /// existing one [`Checkpointer::load`] of the root namespace's head. PostgreSQL needs a
+    /// round trip less either way. If the admission was stored, the lease has allocated its id;
+    /// if not, nothing of it is stored and the caller admits its run as usual.
+    async fn begin(&self, request: LeaseRequest<'_>, admission: Option<&StepCommit>) -> Result<Begun> {
         let lease = self.acquire(request).await?;
-        if !lease.is_fresh() || admission.checkpoint.id != 1 {
-            return Ok((lease, false));
+        if !lease.is_fresh() {
+            let head = self.load(&lease.thread, "", None).await?;
+            return Ok(Begun { lease, admitted: false, head });
         }
+        let Some(admission) = admission.filter(|commit| is_first(commit)) else {
+            return Ok(Begun { lease, admitted: false, head: None });
+        };
         self.commit(&lease, admission).await?;
         lease.next_checkpoint_id();
-        Ok((lease, true))
+        Ok(Begun { lease, admitted: true, head: None })
     }
 
     /// The thread's record, if it exists.

@@ -24,9 +24,9 @@ use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ChannelRows, CheckpointMeta, CheckpointRow, Checkpointer, GraphIdentity, Lease, LeaseRequest, ListFilter, MetaRow,
-    PendingWrite, PutOutcome, StepCommit, StepRef, StoredCheckpoint, ThreadInfo, ThreadRow, WriteRow, blob_heads,
-    blobs_to_keep, materialize_rows, stale_task, store_error,
+    Begun, ChannelRows, CheckpointMeta, CheckpointRow, Checkpointer, GraphIdentity, Lease, LeaseRequest, ListFilter,
+    MetaRow, PendingWrite, PutOutcome, StepCommit, StepRef, StoredCheckpoint, ThreadInfo, ThreadRow, WriteRow,
+    blob_heads, blobs_to_keep, is_first, materialize_rows, stale_task, store_error,
 };
 use crate::error::{Error, Result, until_words};
 
@@ -476,6 +476,28 @@ blobs AS (
 SELECT lock.locked, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true"
 );
 
+/// What [`PostgresCheckpointer::take`] got: the statement's answer, the highest checkpoint id,
+/// the lease session's generation, and if asked the root head's row.
+struct Took {
+    taken: Taken,
+    max_seq: u64,
+    generation: u64,
+    head: Option<CheckpointRow>,
+}
+
+/// [`PostgresCheckpointer::max_seq_and_head`]'s row: the head's columns are null if there is none.
+#[derive(sqlx::FromRow)]
+struct SeqAndHead {
+    max_seq: i64,
+    id: Option<i64>,
+    parent: Option<i64>,
+    step: Option<i64>,
+    source: Option<String>,
+    body: Option<Vec<u8>>,
+    metadata: Option<String>,
+    created_us: Option<i64>,
+}
+
 /// What [`TAKE_SQL`] did: no `tid` with `locked` means another graph owns the thread.
 #[derive(sqlx::FromRow)]
 struct Taken {
@@ -754,7 +776,8 @@ impl PostgresCheckpointer {
         request: &LeaseRequest<'_>,
         key: i64,
         admission: Option<&StepCommit>,
-    ) -> Result<Option<(Taken, u64, u64)>> {
+        with_head: bool,
+    ) -> Result<Option<Took>> {
         let fail = pg_error("acquire");
         let encoded = match admission {
             Some(commit) => Some((
@@ -811,14 +834,15 @@ impl PostgresCheckpointer {
                     let outcome = match (taken.tid, taken.epoch) {
                         // Epoch 1: the row was just inserted, under a new tid: no checkpoint yet
                         // but the admission, if the statement stored one.
-                        (Some(_), Some(1)) => Ok(admission.map_or(0, |commit| commit.checkpoint.id)),
-                        (Some(tid), Some(_)) => Self::max_seq(conn, tid).await,
+                        (Some(_), Some(1)) => Ok((admission.map_or(0, |commit| commit.checkpoint.id), None)),
+                        (Some(tid), Some(_)) if with_head => Self::max_seq_and_head(conn, tid).await,
+                        (Some(tid), Some(_)) => Self::max_seq(conn, tid).await.map(|max_seq| (max_seq, None)),
                         _ => Err(Self::graph_mismatch(conn, request).await.unwrap_or_else(|err| err)),
                     };
                     return match outcome {
-                        Ok(max_seq) => {
+                        Ok((max_seq, head)) => {
                             self.leases.held().insert(key, generation);
-                            Ok(Some((taken, max_seq, generation)))
+                            Ok(Some(Took { taken, max_seq, generation, head }))
                         }
                         Err(err) => {
                             let unlocked =
@@ -845,10 +869,17 @@ impl PostgresCheckpointer {
         Err(Error::Checkpoint { backend: BACKEND, message: "acquire: no lease session".to_owned(), transient: true })
     }
 
-    /// Takes a lease, storing `admission` with it on a new thread; returns whether it did.
-    async fn take_lease(&self, request: &LeaseRequest<'_>, admission: Option<&StepCommit>) -> Result<(Lease, bool)> {
+    /// Takes a lease, storing `admission` with it on a new thread; returns whether it did, and
+    /// with `with_head` the root head's row of an existing thread.
+    async fn take_lease(
+        &self,
+        request: &LeaseRequest<'_>,
+        admission: Option<&StepCommit>,
+        with_head: bool,
+    ) -> Result<(Lease, bool, Option<CheckpointRow>)> {
         let key = lease_key(request.thread);
-        let Some((taken, max_seq, generation)) = self.take(request, key, admission).await? else {
+        let Some(Took { taken, max_seq, generation, head }) = self.take(request, key, admission, with_head).await?
+        else {
             let owner: Option<Option<String>> =
                 sqlx::query_scalar("SELECT owner FROM agentic.threads WHERE thread_id = $1")
                     .bind(request.thread)
@@ -865,7 +896,7 @@ impl PostgresCheckpointer {
         let admitted = admission.is_some() && epoch == 1;
         let guard = HeldLock { session: Arc::clone(&self.leases), key, generation };
         let lease = Lease::new(request.thread, request.owner, epoch, max_seq, Some(Box::new(guard)));
-        Ok((lease.with_handle(taken.tid), admitted))
+        Ok((lease.with_handle(taken.tid), admitted, head))
     }
 
     /// The highest checkpoint id of a thread, across its namespaces.
@@ -882,6 +913,36 @@ impl PostgresCheckpointer {
         .await
         .map_err(pg_error("acquire"))?;
         Ok(max_seq as u64)
+    }
+
+    /// [`Self::max_seq`] and the root namespace's head checkpoint row, in one statement.
+    async fn max_seq_and_head(conn: &mut PgConnection, tid: i64) -> Result<(u64, Option<CheckpointRow>)> {
+        let row: SeqAndHead = sqlx::query_as(
+            "SELECT m.max_seq, c.id, c.parent, c.step, c.source, c.body, c.metadata::text AS metadata,
+                    (extract(epoch FROM c.created_at) * 1000000)::int8 AS created_us
+             FROM (SELECT coalesce(max((SELECT max(c.id) FROM agentic.checkpoints c WHERE c.tid = h.tid AND c.ns = h.ns)), 0)::int8 AS max_seq
+                   FROM agentic.heads h WHERE h.tid = $1) m
+                LEFT JOIN agentic.heads h ON h.tid = $1 AND h.ns = ''
+                LEFT JOIN agentic.checkpoints c ON c.tid = h.tid AND c.ns = '' AND c.id = h.head",
+        )
+        .bind(tid)
+        .fetch_one(conn)
+        .await
+        .map_err(pg_error("acquire"))?;
+        let head = match row {
+            SeqAndHead {
+                id: Some(id),
+                step: Some(step),
+                source: Some(source),
+                body: Some(body),
+                metadata: Some(metadata),
+                created_us: Some(created_us),
+                parent,
+                ..
+            } => Some(CheckpointRow { id, parent, step, source, body, metadata, created_us }),
+            _ => None,
+        };
+        Ok((row.max_seq as u64, head))
     }
 
     async fn graph_mismatch(conn: &mut PgConnection, request: &LeaseRequest<'_>) -> Result<Error> {
@@ -916,6 +977,11 @@ impl PostgresCheckpointer {
         .await
         .map_err(pg_error("load"))?;
         let Some(LoadRow { tid, row }) = row else { return Ok(None) };
+        self.with_values(tid, ns, row).await.map(Some)
+    }
+
+    /// A checkpoint row with its channel values, read in one statement.
+    async fn with_values(&self, tid: i64, ns: &str, row: CheckpointRow) -> Result<StoredCheckpoint> {
         let body = row.body()?;
         let (channels, heads): (Vec<&str>, Vec<i64>) = blob_heads(&body).map(|(c, v)| (c, v as i64)).unzip();
         let rows: Vec<ChannelRows> = if channels.is_empty() {
@@ -957,7 +1023,7 @@ impl PostgresCheckpointer {
             .map_err(pg_error("load"))?
         };
         let values = materialize_rows(&body, rows)?;
-        Ok(Some(row.into_stored(BACKEND, ns, body, values)?))
+        row.into_stored(BACKEND, ns, body, values)
     }
 }
 
@@ -1023,16 +1089,21 @@ impl Checkpointer for PostgresCheckpointer {
     }
 
     async fn acquire(&self, request: LeaseRequest<'_>) -> Result<Lease> {
-        Ok(self.take_lease(&request, None).await?.0)
+        Ok(self.take_lease(&request, None, false).await?.0)
     }
 
-    async fn acquire_admitting(&self, request: LeaseRequest<'_>, admission: &StepCommit) -> Result<(Lease, bool)> {
-        let ckpt = &admission.checkpoint;
-        let first = ckpt.id == 1 && ckpt.parent.is_none() && ckpt.expected_head.is_none();
-        if !first || !admission.ns.is_empty() || admission.thread != request.thread {
-            return Ok((self.acquire(request).await?, false));
-        }
-        self.take_lease(&request, Some(admission)).await
+    async fn begin(&self, request: LeaseRequest<'_>, admission: Option<&StepCommit>) -> Result<Begun> {
+        let admission = admission.filter(|commit| is_first(commit) && commit.thread == request.thread);
+        let (lease, admitted, head) = self.take_lease(&request, admission, true).await?;
+        let head = match (head, lease.handle) {
+            (Some(row), Some(tid)) => match self.with_values(tid, "", row).await {
+                // Two snapshots again (see `load`): read the head anew.
+                Err(Error::Checkpoint { transient: false, .. }) => self.load(request.thread, "", None).await?,
+                other => Some(other?),
+            },
+            _ => None,
+        };
+        Ok(Begun { lease, admitted, head })
     }
 
     async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>> {
