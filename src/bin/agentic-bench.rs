@@ -1345,7 +1345,7 @@ const STATEMENT_LABELS: &[(&str, &str)] = &[
         "acquire lease + admission: advisory lock, thread epoch bump, a new thread's first checkpoint",
     ),
     ("pg_try_advisory_lock", "acquire lease: advisory lock + thread epoch bump"),
-    ("(SELECT max(c.id)", "acquire lease: highest checkpoint id"),
+    ("(SELECT max(c.id)", "acquire lease: highest checkpoint id and root head"),
     ("INSERT INTO agentic.checkpoints", "commit step: fence, head CAS, checkpoint, values, folded writes"),
     ("WITH target AS", "load: head checkpoint"),
     ("FROM agentic.channel_values v", "load: channel values"),

@@ -451,11 +451,15 @@ pub struct Begun {
     pub head: Option<StoredCheckpoint>,
 }
 
-/// Whether a commit can be a thread's first checkpoint: id 1 in the root namespace, no parent,
-/// no expected head.
-pub(crate) fn is_first(commit: &StepCommit) -> bool {
+/// Whether a commit can be `thread`'s first checkpoint: id 1 in the root namespace of that
+/// thread, no parent, no expected head.
+pub(crate) fn is_first(commit: &StepCommit, thread: &str) -> bool {
     let ckpt = &commit.checkpoint;
-    ckpt.id == 1 && ckpt.parent.is_none() && ckpt.expected_head.is_none() && commit.ns.is_empty()
+    ckpt.id == 1
+        && ckpt.parent.is_none()
+        && ckpt.expected_head.is_none()
+        && commit.ns.is_empty()
+        && commit.thread == thread
 }
 
 /// The checkpoint store.
@@ -480,7 +484,7 @@ pub trait Checkpointer: Send + Sync + 'static {
             let head = self.load(&lease.thread, "", None).await?;
             return Ok(Begun { lease, admitted: false, head });
         }
-        let Some(admission) = admission.filter(|commit| is_first(commit)) else {
+        let Some(admission) = admission.filter(|commit| is_first(commit, &lease.thread)) else {
             return Ok(Begun { lease, admitted: false, head: None });
         };
         self.commit(&lease, admission).await?;

@@ -477,7 +477,7 @@ SELECT lock.locked, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true"
 );
 
 /// What [`PostgresCheckpointer::take`] got: the statement's answer, the highest checkpoint id,
-/// the lease session's generation, and if asked the root head's row.
+/// the lease session's generation, and an existing thread's root head row.
 struct Took {
     taken: Taken,
     max_seq: u64,
@@ -769,15 +769,9 @@ impl PostgresCheckpointer {
     /// the graph checked, the highest checkpoint id read. `Ok(None)`: another runner holds it.
     /// Takes the lease (see [`TAKE_SQL`]); with `admission`, stores it too if the thread is new
     /// (see [`TAKE_ADMIT_SQL`]). Returns what the statement did, the highest checkpoint id (the
-    /// admission's if it was stored) and the lease session's generation; `None` if the lock is
-    /// held.
-    async fn take(
-        &self,
-        request: &LeaseRequest<'_>,
-        key: i64,
-        admission: Option<&StepCommit>,
-        with_head: bool,
-    ) -> Result<Option<Took>> {
+    /// admission's if it was stored), the lease session's generation and an existing thread's
+    /// root head row; `None` if the lock is held.
+    async fn take(&self, request: &LeaseRequest<'_>, key: i64, admission: Option<&StepCommit>) -> Result<Option<Took>> {
         let fail = pg_error("acquire");
         let encoded = match admission {
             Some(commit) => Some((
@@ -835,8 +829,7 @@ impl PostgresCheckpointer {
                         // Epoch 1: the row was just inserted, under a new tid: no checkpoint yet
                         // but the admission, if the statement stored one.
                         (Some(_), Some(1)) => Ok((admission.map_or(0, |commit| commit.checkpoint.id), None)),
-                        (Some(tid), Some(_)) if with_head => Self::max_seq_and_head(conn, tid).await,
-                        (Some(tid), Some(_)) => Self::max_seq(conn, tid).await.map(|max_seq| (max_seq, None)),
+                        (Some(tid), Some(_)) => Self::max_seq_and_head(conn, tid).await,
                         _ => Err(Self::graph_mismatch(conn, request).await.unwrap_or_else(|err| err)),
                     };
                     return match outcome {
@@ -870,16 +863,14 @@ impl PostgresCheckpointer {
     }
 
     /// Takes a lease, storing `admission` with it on a new thread; returns whether it did, and
-    /// with `with_head` the root head's row of an existing thread.
+    /// the root head's row of an existing thread.
     async fn take_lease(
         &self,
         request: &LeaseRequest<'_>,
         admission: Option<&StepCommit>,
-        with_head: bool,
     ) -> Result<(Lease, bool, Option<CheckpointRow>)> {
         let key = lease_key(request.thread);
-        let Some(Took { taken, max_seq, generation, head }) = self.take(request, key, admission, with_head).await?
-        else {
+        let Some(Took { taken, max_seq, generation, head }) = self.take(request, key, admission).await? else {
             let owner: Option<Option<String>> =
                 sqlx::query_scalar("SELECT owner FROM agentic.threads WHERE thread_id = $1")
                     .bind(request.thread)
@@ -899,23 +890,11 @@ impl PostgresCheckpointer {
         Ok((lease.with_handle(taken.tid), admitted, head))
     }
 
-    /// The highest checkpoint id of a thread, across its namespaces.
+    /// The highest checkpoint id of a thread, across its namespaces, and the root namespace's
+    /// head checkpoint row.
     ///
     /// A statement of its own, after the epoch bump: a commit of the previous holder that the
     /// bump waited for is visible to it (a statement's snapshot predates its waits).
-    async fn max_seq(conn: &mut PgConnection, tid: i64) -> Result<u64> {
-        let max_seq: i64 = sqlx::query_scalar(
-            "SELECT coalesce(max((SELECT max(c.id) FROM agentic.checkpoints c WHERE c.tid = h.tid AND c.ns = h.ns)), 0)::int8
-             FROM agentic.heads h WHERE h.tid = $1",
-        )
-        .bind(tid)
-        .fetch_one(conn)
-        .await
-        .map_err(pg_error("acquire"))?;
-        Ok(max_seq as u64)
-    }
-
-    /// [`Self::max_seq`] and the root namespace's head checkpoint row, in one statement.
     async fn max_seq_and_head(conn: &mut PgConnection, tid: i64) -> Result<(u64, Option<CheckpointRow>)> {
         let row: SeqAndHead = sqlx::query_as(
             "SELECT m.max_seq, c.id, c.parent, c.step, c.source, c.body, c.metadata::text AS metadata,
@@ -1089,12 +1068,12 @@ impl Checkpointer for PostgresCheckpointer {
     }
 
     async fn acquire(&self, request: LeaseRequest<'_>) -> Result<Lease> {
-        Ok(self.take_lease(&request, None, false).await?.0)
+        Ok(self.take_lease(&request, None).await?.0)
     }
 
     async fn begin(&self, request: LeaseRequest<'_>, admission: Option<&StepCommit>) -> Result<Begun> {
-        let admission = admission.filter(|commit| is_first(commit) && commit.thread == request.thread);
-        let (lease, admitted, head) = self.take_lease(&request, admission, true).await?;
+        let admission = admission.filter(|commit| is_first(commit, request.thread));
+        let (lease, admitted, head) = self.take_lease(&request, admission).await?;
         let head = match (head, lease.handle) {
             (Some(row), Some(tid)) => match self.with_values(tid, "", row).await {
                 // Two snapshots again (see `load`): read the head anew.
