@@ -2,7 +2,7 @@
 //! is checked and routed, and how a step's writes apply, in task-path order, so the result
 //! never depends on which task finished first.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -159,10 +159,17 @@ fn with_writes(graph: &GraphInner, node: &str, snapshot: &State, writes: &[(Stri
     Ok(State::new(values))
 }
 
-fn group<K: Ord>(writes: impl Iterator<Item = (K, Value)>) -> BTreeMap<K, Vec<Value>> {
-    let mut grouped: BTreeMap<K, Vec<Value>> = BTreeMap::new();
+/// The writes by channel, channels in order, each channel's writes in the order given. A sort
+/// of the few writes of a step, not a map: no tree nodes to build and free on every step.
+fn group<K: Ord>(writes: impl Iterator<Item = (K, Value)>) -> Vec<(K, Vec<Value>)> {
+    let mut writes: Vec<(K, Value)> = writes.collect();
+    writes.sort_by(|a, b| a.0.cmp(&b.0)); // stable: a channel's writes keep their order
+    let mut grouped: Vec<(K, Vec<Value>)> = Vec::with_capacity(writes.len());
     for (channel, value) in writes {
-        grouped.entry(channel).or_default().push(value);
+        match grouped.last_mut() {
+            Some((last, values)) if *last == channel => values.push(value),
+            _ => grouped.push((channel, vec![value])),
+        }
     }
     grouped
 }
@@ -364,6 +371,17 @@ mod tests {
     use crate::channel::Channel;
     use crate::graph::GraphBuilder;
     use crate::node::node_fn;
+
+    #[test]
+    fn writes_group_by_channel_in_order_and_keep_their_order_within_a_channel() {
+        let writes = [("b", json!(1)), ("a", json!(2)), ("b", json!(3)), ("c", json!(4)), ("a", json!(5))];
+        let grouped = group(writes.into_iter());
+        assert_eq!(
+            grouped,
+            vec![("a", vec![json!(2), json!(5)]), ("b", vec![json!(1), json!(3)]), ("c", vec![json!(4)])]
+        );
+        assert!(group(std::iter::empty::<(&str, Value)>()).is_empty());
+    }
 
     fn fan_graph() -> crate::graph::Graph {
         let noop = || node_fn(|_, _| async { Ok(Update::new()) });

@@ -737,10 +737,12 @@ impl<'a> Loop<'a> {
         let new_id = self.lease.next_checkpoint_id();
         let cur = self.current.as_mut().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
         // Source and step have columns of their own; `interrupt_after` is written only when set.
-        let mut metadata = json!({
-            "owner": self.lease.owner,
-            "tasks": outputs.iter().map(|(t, _)| json!({"id": t.id, "node": t.node})).collect::<Vec<_>>(),
-        });
+        // Built as values, not with `json!`, which would serialise the task list into a copy.
+        let tasks = outputs.iter().map(|(t, _)| task_ref(&t.id, &t.node)).collect();
+        let mut metadata = Value::Object(serde_json::Map::from_iter([
+            ("owner".to_owned(), Value::String(self.lease.owner.clone())),
+            ("tasks".to_owned(), Value::Array(tasks)),
+        ]));
         let stops_after = outputs.iter().any(|(t, _)| g.interrupt_after.contains(&t.node));
         let by_node: Vec<(&str, TaskOutput)> = outputs.into_iter().map(|(t, o)| (t.node.as_str(), o)).collect();
         // Held-back steps (durability exit) are written as one delta; its segment closes at the flush.
@@ -1126,4 +1128,12 @@ pub(crate) fn result_writes(task: &Task, result: &TaskResult, output: bool) -> R
 
 fn encode<T: Serialize>(task: &Task, kind: WriteKind, key: &str, value: &T) -> Result<PendingWrite> {
     Ok(PendingWrite { task: task.id.clone(), kind, key: key.to_owned(), data: codec::encode(value)? })
+}
+
+/// A task as a checkpoint's metadata names it: `{"id": .., "node": ..}`.
+fn task_ref(id: &str, node: &str) -> Value {
+    Value::Object(serde_json::Map::from_iter([
+        ("id".to_owned(), Value::String(id.to_owned())),
+        ("node".to_owned(), Value::String(node.to_owned())),
+    ]))
 }
