@@ -383,6 +383,11 @@ mod tests {
         assert!(group(std::iter::empty::<(&str, Value)>()).is_empty());
     }
 
+    /// A task's output that writes `v` to the `items` channel.
+    fn w(v: Value) -> TaskOutput {
+        TaskOutput { writes: vec![("items".into(), v)], goto: vec![] }
+    }
+
     fn fan_graph() -> crate::graph::Graph {
         let noop = || node_fn(|_, _| async { Ok(Update::new()) });
         GraphBuilder::new("fan")
@@ -434,7 +439,6 @@ mod tests {
         let graph = fan_graph();
         let g = &graph.inner;
         let mut values = Values::new();
-        let w = |v: Value| TaskOutput { writes: vec![("items".into(), v)], goto: vec![] };
         let big = "a".repeat(INLINE_MAX);
         let first =
             apply_step(g, &CheckpointBody::default(), &mut values, vec![("x", w(json!(big)))], 1, true).unwrap();
@@ -451,7 +455,6 @@ mod tests {
         let graph = fan_graph();
         let g = &graph.inner;
         let mut values = Values::new();
-        let w = |v: Value| TaskOutput { writes: vec![("items".into(), v)], goto: vec![] };
         let mut body = CheckpointBody::default();
         let mut rows = std::collections::HashMap::new();
         // The first step stores the whole list; five segments close, seven deltas stay open.
@@ -513,7 +516,6 @@ mod tests {
         let graph = fan_graph();
         let g = &graph.inner;
         let mut values = Values::new();
-        let w = |v: Value| TaskOutput { writes: vec![("items".into(), v)], goto: vec![] };
         let first =
             apply_step(g, &CheckpointBody::default(), &mut values, vec![("x", w(json!("a")))], 1, true).unwrap();
         assert!(first.blobs.is_empty());
