@@ -594,7 +594,9 @@ async fn namespaces_have_their_own_heads_and_checkpoints(store: &dyn Checkpointe
 /// Checks only PostgreSQL can make: session-bound leases, batch commits, connection URLs.
 mod postgres_only {
     use super::*;
+    use agentic_runtime::checkpoint::{ChannelVersion, CheckpointBody};
     use sqlx::PgPool;
+    use support::bytes;
 
     async fn store(pool: PgPool) -> PostgresCheckpointer {
         PostgresCheckpointer::from_pool(pool).await.unwrap()
@@ -645,12 +647,148 @@ mod postgres_only {
     }
 
     #[sqlx::test(migrations = false)]
+    async fn a_runner_whose_lease_session_died_unnoticed_commits_fenced_by_its_epoch(pool: PgPool) {
+        let store = store(pool.clone()).await;
+        let lease = lease(&store, "t", "runner-a").await;
+        let mut chain = Chain::new("t", "");
+        chain.set(&store, &lease, "x", &json!(1)).await;
+        let holder = lock_holder(&pool).await;
+        let ended: bool =
+            sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)").bind(holder).fetch_one(&pool).await.unwrap();
+        assert!(ended);
+
+        // The statement on the dead session fails; nobody took the thread, so the epoch still
+        // admits the commit on a commit connection.
+        chain.set(&store, &lease, "x", &json!(2)).await;
+        chain.set(&store, &lease, "x", &json!(3)).await;
+        assert_eq!(store.head("t", "").await.unwrap(), Some(3));
+        assert_eq!(store.load("t", "", None).await.unwrap().unwrap().values, values(&[("x", json!(3))]));
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn commits_on_the_lease_session_wait_for_the_wal_flush(pool: PgPool) {
+        // The lease session takes leases without waiting for the flush (synchronous_commit off
+        // for those transactions only); the commits it runs must each wait for theirs.
+        const COMMITS: i64 = 40;
+        let syncs = || async {
+            let n: i64 = sqlx::query_scalar("SELECT wal_sync FROM pg_stat_wal").fetch_one(&pool).await.unwrap();
+            n
+        };
+        let store = store(pool.clone()).await;
+        let lease = lease(&store, "t", "runner").await;
+        let mut chain = Chain::new("t", "");
+        chain.set(&store, &lease, "x", &json!(0)).await;
+        let before = syncs().await;
+        for i in 1..=COMMITS {
+            chain.set(&store, &lease, "x", &json!(i)).await;
+        }
+        // Every commit went on the lease session, in its checkpoint's row.
+        let fenced: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM agentic.channel_values").fetch_one(&pool).await.unwrap();
+        assert_eq!(fenced, 0);
+        // A session reports its WAL statistics when it ends.
+        drop((lease, chain, store));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut flushed = syncs().await - before;
+        while flushed < COMMITS && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            flushed = syncs().await - before;
+        }
+        assert!(flushed >= COMMITS, "{flushed} WAL flushes for {COMMITS} commits");
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn versions_stored_before_values_moved_into_checkpoint_rows_still_load(pool: PgPool) {
+        // The database as the migrations before this one left it: a thread with a head row and
+        // two checkpoints, whose versions are rows of `channel_values` (a whole value, a delta).
+        let all = sqlx::migrate!("../migrations/postgres");
+        let before = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Owned(
+                all.migrations.iter().filter(|m| m.version < 20_261_126_200_000).cloned().collect(),
+            ),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        before.run(&pool).await.unwrap();
+        let body = |version: ChannelVersion| {
+            let mut body = CheckpointBody::default();
+            body.versions.insert("log".to_owned(), version);
+            agentic_runtime::checkpoint::codec::encode(&body).unwrap()
+        };
+        sqlx::query(
+            "WITH t AS (INSERT INTO agentic.threads (thread_id, graph_name, graph_hash, epoch)
+                        VALUES ('t', 'support-bot', 'h1', 1) RETURNING tid),
+                  c AS (INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata)
+                        SELECT tid, '', 1, NULL, 0, 'input', $1, '{}'::jsonb FROM t
+                        UNION ALL
+                        SELECT tid, '', 2, 1, 1, 'loop', $2, '{}'::jsonb FROM t),
+                  v AS (INSERT INTO agentic.channel_values (tid, ns, channel, version, base, data)
+                        SELECT tid, '', 'log', 1, NULL, $3 FROM t
+                        UNION ALL
+                        SELECT tid, '', 'log', 2, 1, $4 FROM t)
+             INSERT INTO agentic.heads (tid, ns, head) SELECT tid, '', 2 FROM t",
+        )
+        .bind(body(ChannelVersion::whole(1)))
+        .bind(body(ChannelVersion::delta(2, 1, 1, 1)))
+        .bind(bytes(&json!(["a"])))
+        .bind(bytes(&json!(["b"])))
+        .execute(&pool)
+        .await
+        .unwrap();
+
+        let store = store(pool.clone()).await;
+        assert_eq!(store.head("t", "").await.unwrap(), Some(2));
+        assert_eq!(store.load("t", "", None).await.unwrap().unwrap().values, values(&[("log", json!(["a", "b"]))]));
+        // A new step appends on the old chain; its version goes in its own row.
+        let lease = lease(&store, "t", "runner").await;
+        let mut chain = Chain::new("t", "");
+        chain.head = Some(2);
+        let commit = chain.next(&lease).append("log", Some(2), &json!(["c"]));
+        chain.commit(&store, &lease, commit).await.unwrap();
+        assert_eq!(
+            store.load("t", "", None).await.unwrap().unwrap().values,
+            values(&[("log", json!(["a", "b", "c"]))])
+        );
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn deleting_a_thread_waits_for_its_runner_and_is_refused_while_it_holds_on(pool: PgPool) {
+        let store = store(pool.clone()).await;
+        let running = lease(&store, "t", "runner-a").await;
+        let mut chain = Chain::new("t", "");
+        chain.set(&store, &running, "x", &json!(1)).await;
+
+        // Its commits do not look at the thread row: deleting under them would orphan them.
+        let refused = store.delete_thread("t").await;
+        assert!(matches!(&refused, Err(Error::LeaseHeld { owner, .. }) if owner == "runner-a"), "{refused:?}");
+        chain.set(&store, &running, "x", &json!(2)).await;
+        assert_eq!(store.head("t", "").await.unwrap(), Some(2));
+
+        // A deletion in wait goes through once the runner lets go.
+        let deleting = {
+            let store = store.clone();
+            tokio::spawn(async move { store.delete_thread("t").await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!deleting.is_finished(), "the deletion waits for the lease");
+        drop(running);
+        deleting.await.unwrap().unwrap();
+        assert!(store.thread("t").await.unwrap().is_none());
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM agentic.checkpoints").fetch_one(&pool).await.unwrap();
+        assert_eq!(left, 0);
+    }
+
+    #[sqlx::test(migrations = false)]
     async fn a_commit_waiting_on_a_takeover_is_refused_once_the_takeover_lands(pool: PgPool) {
         let store = store(pool.clone()).await;
         let first = lease(&store, "t", "runner-a").await;
         let mut chain = Chain::new("t", "");
         chain.set(&store, &first, "x", &json!(1)).await;
-        // A takeover in flight: the epoch bumped, not yet committed.
+        // The first runner's lease session ends (its lock with it), unnoticed; a takeover is in
+        // flight: the epoch bumped, not yet committed.
+        let holder = lock_holder(&pool).await;
+        let ended: bool =
+            sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)").bind(holder).fetch_one(&pool).await.unwrap();
+        assert!(ended);
         let mut takeover = pool.begin().await.unwrap();
         sqlx::query("UPDATE agentic.threads SET epoch = epoch + 1 WHERE thread_id = 't'")
             .execute(&mut *takeover)
@@ -735,11 +873,9 @@ mod postgres_only {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(!taking.is_finished(), "the epoch bump waits for the commit");
         sqlx::query(
-            "WITH t AS (SELECT tid FROM agentic.threads WHERE thread_id = 't'),
-                  c AS (INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata)
-                        SELECT tid, '', 2, 1, 1, 'loop', convert_to('{\"versions\":{},\"next\":[]}', 'UTF8'), '{}'
-                        FROM t)
-             UPDATE agentic.heads SET head = 2 WHERE tid = (SELECT tid FROM t) AND ns = ''",
+            "INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata)
+             SELECT tid, '', 2, 1, 1, 'loop', convert_to('{\"versions\":{},\"next\":[]}', 'UTF8'), '{}'
+             FROM agentic.threads WHERE thread_id = 't'",
         )
         .execute(&mut *in_flight)
         .await
@@ -757,29 +893,19 @@ mod postgres_only {
         let lease = lease(&store, "t", "runner-a").await;
         let mut chain = Chain::new("t", "");
         let one = chain.set(&store, &lease, "x", &json!(1)).await;
-        // A put_writes on checkpoint 1 in flight: it holds the head row FOR SHARE.
+        // A put_writes on checkpoint 1 that found it the head, still in flight.
         let mut racing = pool.begin().await.unwrap();
         sqlx::query(
-            "WITH h AS (SELECT h.tid FROM agentic.heads h JOIN agentic.threads t ON t.tid = h.tid
-                        WHERE t.thread_id = 't' AND h.ns = '' AND h.head = 1 FOR SHARE OF h)
-             INSERT INTO agentic.writes (tid, ns, checkpoint, task, kind, key, data)
-             SELECT tid, '', 1, 'slow', 'output', '', '1'::bytea FROM h",
+            "INSERT INTO agentic.writes (tid, ns, checkpoint, task, kind, key, data)
+             SELECT tid, '', 1, 'slow', 'output', '', '1'::bytea FROM agentic.threads WHERE thread_id = 't'",
         )
         .execute(&mut *racing)
         .await
         .unwrap();
-
-        let committing = {
-            let store = store.clone();
-            tokio::spawn(async move {
-                chain.set(&store, &lease, "x", &json!(2)).await;
-                (chain, lease)
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!committing.is_finished(), "the commit waits for the writes");
+        // The commit of checkpoint 2 does not see those writes; they land after it.
+        chain.set(&store, &lease, "x", &json!(2)).await;
         racing.commit().await.unwrap();
-        let (mut chain, lease) = committing.await.unwrap();
+        assert_eq!(store.pending_writes(step("t", one)).await.unwrap().len(), 1);
 
         chain.set(&store, &lease, "x", &json!(3)).await;
         assert!(store.pending_writes(step("t", one)).await.unwrap().is_empty());
@@ -841,16 +967,33 @@ mod postgres_only {
     #[sqlx::test(migrations = false)]
     async fn prune_deletes_the_channel_values_no_kept_checkpoint_needs(pool: PgPool) {
         let store = store(pool.clone()).await;
+        // Stored versions: rows of `channel_values`, and versions in checkpoint rows.
         let rows = || async {
-            let n: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM agentic.channel_values").fetch_one(&pool).await.unwrap();
+            let n: (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM agentic.channel_values),
+                        (SELECT coalesce(sum(cardinality(channels)), 0)::int8 FROM agentic.checkpoints)",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
             n
         };
         fill_for_prune(&store).await;
-        assert_eq!(rows().await, 1 + 2 * 20);
+        // Every step committed alone: its versions are in its checkpoint's row.
+        assert_eq!(rows().await, (0, 1 + 2 * 20));
         assert_eq!(store.prune("t", 2).await.unwrap(), 19);
-        // `once` from checkpoint 1, the two newest `n`, and the whole `log` chain (20 rows).
-        assert_eq!(rows().await, 1 + 2 + 20);
+        // `once` from checkpoint 1, the two newest `n`, and the whole `log` chain (20 rows); the
+        // versions of deleted checkpoints still in use moved out of their rows: `once` and 18
+        // `log` rows.
+        assert_eq!(rows().await, (1 + 18, 2 + 2));
+        assert_eq!(
+            store.load("t", "", None).await.unwrap().unwrap().values,
+            values(&[
+                ("once", json!("only at checkpoint 1")),
+                ("n", json!(19)),
+                ("log", json!((0..20).collect::<Vec<_>>()))
+            ])
+        );
     }
 
     #[sqlx::test(migrations = false)]

@@ -132,16 +132,22 @@ async fn postgres_rebuilds_long_append_chains_from_few_rows(pool: sqlx::PgPool) 
     for thread in threads {
         let (rows, all): (i64, i64) = sqlx::query_as(
             // No forks here: the newest row of `log` is the head's.
-            "WITH RECURSIVE chain(tid, version, base) AS (
-                (SELECT v.tid, v.version, v.base FROM agentic.channel_values v
+            // Versions are rows of `channel_values` or entries of their checkpoint's row.
+            "WITH RECURSIVE v AS (
+                SELECT tid, ns, channel, version, base FROM agentic.channel_values
+                UNION ALL
+                SELECT c.tid, c.ns, x.channel, c.id, x.base
+                FROM agentic.checkpoints c, unnest(c.channels, c.bases) AS x(channel, base)
+             ),
+             chain(tid, version, base) AS (
+                (SELECT v.tid, v.version, v.base FROM v
                  WHERE v.channel = 'log' AND v.tid = (SELECT tid FROM agentic.threads WHERE thread_id = $1)
                  ORDER BY v.version DESC LIMIT 1)
                 UNION ALL
                 SELECT v.tid, v.version, v.base FROM chain
-                    JOIN agentic.channel_values v
-                        ON v.tid = chain.tid AND v.ns = '' AND v.channel = 'log' AND v.version = chain.base
+                    JOIN v ON v.tid = chain.tid AND v.ns = '' AND v.channel = 'log' AND v.version = chain.base
              )
-             SELECT (SELECT count(*) FROM chain), count(*) FROM agentic.channel_values v
+             SELECT (SELECT count(*) FROM chain), count(*) FROM v
                 JOIN agentic.threads t USING (tid)
              WHERE t.thread_id = $1 AND v.channel = 'log'",
         )

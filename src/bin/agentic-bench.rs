@@ -1340,15 +1340,17 @@ static STATEMENT_LOG: LazyLock<Mutex<HashMap<String, (u64, f64)>>> = LazyLock::n
 /// Statements of the runtime recognised by a fragment of their text; others are named by
 /// their first words.
 const STATEMENT_LABELS: &[(&str, &str)] = &[
-    (
-        "FROM fresh f, unnest",
-        "acquire lease + admission: advisory lock, thread epoch bump, a new thread's first checkpoint",
-    ),
+    ("FROM fresh", "acquire lease + admission: advisory lock, thread epoch bump, a new thread's first checkpoint"),
     ("pg_try_advisory_lock", "acquire lease: advisory lock + thread epoch bump"),
-    ("(SELECT max(c.id)", "acquire lease: highest checkpoint id and root head"),
-    ("INSERT INTO agentic.checkpoints", "commit step: fence, head CAS, checkpoint, values, folded writes"),
+    ("WITH RECURSIVE spaces", "acquire lease: highest checkpoint id and root head"),
+    ("VALUES ($1, $2, $3", "commit step on the lease session, head known: checkpoint row, folded writes"),
+    (
+        "FROM agentic.threads t WHERE t.tid = $1",
+        "commit step on the lease session: head check, checkpoint row, folded writes",
+    ),
+    ("INSERT INTO agentic.checkpoints", "commit step, fenced: epoch, head check, checkpoint, values, folded writes"),
     ("WITH target AS", "load: head checkpoint"),
-    ("FROM agentic.channel_values v", "load: channel values"),
+    ("WITH RECURSIVE chain", "load: channel values"),
     ("INSERT INTO agentic.writes", "put_writes"),
     ("JOIN agentic.writes w", "pending_writes"),
     ("pg_advisory_unlock(", "release lease: advisory unlock"),

@@ -76,7 +76,7 @@ pub struct Lease {
     /// Whether the thread had no checkpoint when the lease was taken.
     fresh: bool,
     next_seq: AtomicU64,
-    _guard: Option<Box<dyn Any + Send + Sync>>,
+    guard: Option<Box<dyn Any + Send + Sync>>,
 }
 
 impl fmt::Debug for Lease {
@@ -99,7 +99,7 @@ impl Lease {
             handle: None,
             fresh: max_seq == 0,
             next_seq: AtomicU64::new(max_seq + 1),
-            _guard: guard,
+            guard,
         }
     }
 
@@ -119,6 +119,11 @@ impl Lease {
     /// another task; dropping it releases nothing.
     pub(crate) fn fencing_copy(&self) -> Lease {
         Lease::new(&self.thread, &self.owner, self.epoch, 0, None).with_handle(self.handle)
+    }
+
+    /// The backend's guard, if it is a `T`.
+    pub(crate) fn guard<T: Any>(&self) -> Option<&T> {
+        self.guard.as_ref()?.downcast_ref()
     }
 
     /// Allocates the id of the next checkpoint on this thread.

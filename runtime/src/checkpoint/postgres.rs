@@ -6,9 +6,14 @@
 //!   runner killed with SIGKILL loses its connections, the server ends the session and the locks
 //!   with it, and a restarted runner takes the thread at once. The epoch bumped on each acquire
 //!   fences the commits of a runner that lost its session but has not noticed yet.
-//! - A commit is one SQL statement (one round trip): fence, head compare-and-swap, checkpoint,
-//!   channel values and folding of the parent's pending writes. The same statement takes a batch
-//!   of commits of different threads ([`PostgresCheckpointer::commit_batch`]).
+//! - A commit is one SQL statement (one round trip). Alone, it runs on the lease session itself:
+//!   the advisory lock that session holds is the fence (no other runner can hold the thread while
+//!   the statement runs), so the statement is the insert of one row (the checkpoint with the
+//!   channel versions it wrote) behind a head check, and the fold of the parent's pending writes.
+//!   Otherwise, or once the lease's session is gone, the fenced statement: the thread row locked
+//!   FOR SHARE with the lease's epoch, the same head check, the rows. That statement takes a
+//!   batch of commits of different threads ([`PostgresCheckpointer::commit_batch`]).
+//! - A namespace's head is its newest checkpoint: ids only grow within a thread.
 //! - A load is at most two round trips: the checkpoint, then every blob it needs (a delta chain
 //!   in one range scan).
 
@@ -102,6 +107,9 @@ impl Drop for InFlight {
     }
 }
 
+/// How long [`Checkpointer::delete_thread`] waits for a runner holding the thread to let it go.
+const DELETE_WAIT: Duration = Duration::from_secs(2);
+
 /// How many batches may be in flight at once: while one waits for its WAL flush, the next
 /// gathers the commits that arrive meanwhile.
 const COMMITTERS: usize = 2;
@@ -161,6 +169,15 @@ fn transient_sqlstate(code: &str) -> bool {
     code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
 }
 
+/// Whether an error means the session is gone: a connection failure, or the server ending the
+/// session (SQLSTATE class 08, 57P).
+fn session_gone(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+        _ => true,
+    }
+}
+
 fn pg_error(operation: &str) -> impl Fn(sqlx::Error) -> Error + '_ {
     move |err| store_error(BACKEND, operation, &err, transient_sqlstate)
 }
@@ -202,6 +219,45 @@ struct HeldLock {
     session: Arc<LeaseSession>,
     key: i64,
     generation: u64,
+    /// The heads this lease knows: while it holds the lock no other runner commits to the thread,
+    /// so each head it committed or read stays the head until its next commit.
+    heads: Mutex<KnownHeads>,
+}
+
+/// Heads of a thread known to its lease holder.
+#[derive(Default)]
+struct KnownHeads {
+    /// The thread was created by this lease: a namespace not in `heads` has no checkpoint.
+    new_thread: bool,
+    /// Namespace -> its head (`None`: no checkpoint).
+    heads: HashMap<String, Option<u64>>,
+}
+
+impl HeldLock {
+    fn heads(&self) -> std::sync::MutexGuard<'_, KnownHeads> {
+        self.heads.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `expected` is known to be the head of `ns`.
+    fn knows_head(&self, ns: &str, expected: Option<u64>) -> bool {
+        let heads = self.heads();
+        match heads.heads.get(ns) {
+            Some(head) => *head == expected,
+            None => heads.new_thread && expected.is_none(),
+        }
+    }
+
+    /// Records the outcome of a commit: its checkpoint is the head, or (`None`) the head is
+    /// unknown until a commit checks it.
+    fn settle(&self, ns: &str, head: Option<u64>) {
+        let mut heads = self.heads();
+        if let Some(id) = head {
+            heads.heads.insert(ns.to_owned(), Some(id));
+        } else {
+            heads.new_thread = false;
+            heads.heads.remove(ns);
+        }
+    }
 }
 
 impl Drop for HeldLock {
@@ -313,15 +369,15 @@ impl Batch {
 ///   small, hash it with a sequential scan for as long as the connection lives. An acquire's
 ///   epoch bump (an UPDATE) waits for this statement, and this statement waits for a
 ///   bump in flight, then re-checks the epoch on the bumped row.
-/// - `moved` is the head compare-and-swap: its UPDATE waits for a concurrent commit or
-///   `put_writes` (which holds the head row FOR SHARE) and re-checks `head = expected` on the
-///   latest row. `born` creates the head of a namespace's first checkpoint.
-/// - Checkpoints and blobs are inserted only for the commits that moved their head (replacing
-///   rows of the same key, as the memory backend does).
-/// - `folded` deletes the pending writes of the parent, now folded into the new checkpoint. It
-///   also deletes those of the replaced head's parent: a `put_writes` that held the head row
-///   while the previous commit's statement started is invisible to that statement's snapshot, so
-///   its rows could outlive it; the next commit removes them.
+/// - `won` keeps the commits that build on their namespace's head (its newest checkpoint, none
+///   for a namespace's first). Only the lease's holder commits to a thread, one commit at a time,
+///   so nothing moves the head between this check and the insert.
+/// - Checkpoints and blobs are inserted only for the commits that won (replacing rows of the
+///   same key, as the memory backend does); the blobs go to `channel_values` (a batch carries
+///   a list per commit, which arrays of arrays cannot hold).
+/// - `folded` deletes the pending writes of the parent and older checkpoints of the namespace,
+///   now folded into the new checkpoint. The older ones are writes that raced the previous
+///   commit: a `put_writes` that checked the head before that commit landed, and stored after it.
 const COMMIT_SQL: &str = r"
 WITH input AS (
     SELECT *
@@ -339,22 +395,9 @@ fenced AS (
             FOR SHARE
         ) t
 ),
-moved AS (
-    UPDATE agentic.heads h SET head = f.id
-    FROM fenced f
-    WHERE h.tid = f.tid AND h.ns = f.ns AND h.head = f.expected
-    RETURNING f.*
-),
-born AS (
-    INSERT INTO agentic.heads (tid, ns, head)
-    SELECT f.tid, f.ns, f.id FROM fenced f WHERE f.expected IS NULL
-    ON CONFLICT DO NOTHING
-    RETURNING tid, ns
-),
 won AS (
-    SELECT * FROM moved
-    UNION ALL
-    SELECT f.* FROM born b JOIN fenced f ON f.tid = b.tid AND f.ns = b.ns
+    SELECT f.* FROM fenced f
+    WHERE (SELECT max(k.id) FROM agentic.checkpoints k WHERE k.tid = f.tid AND k.ns = f.ns) IS NOT DISTINCT FROM f.expected
 ),
 saved AS (
     INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata)
@@ -362,7 +405,8 @@ saved AS (
     FROM won w
     ON CONFLICT (tid, ns, id) DO UPDATE
     SET parent = excluded.parent, step = excluded.step, source = excluded.source, body = excluded.body,
-        metadata = excluded.metadata, created_at = excluded.created_at
+        metadata = excluded.metadata, created_at = excluded.created_at,
+        channels = NULL, bases = NULL, data = NULL
 ),
 blobs AS (
     INSERT INTO agentic.channel_values (tid, ns, channel, version, base, data)
@@ -375,21 +419,14 @@ blobs AS (
 folded AS (
     DELETE FROM agentic.writes x
     USING won w
-    WHERE x.tid = w.tid AND x.ns = w.ns
-        AND x.checkpoint IN (
-            w.parent,
-            (SELECT k.parent FROM agentic.checkpoints k WHERE k.tid = w.tid AND k.ns = w.ns AND k.id = w.expected)
-        )
+    WHERE x.tid = w.tid AND x.ns = w.ns AND x.checkpoint <= w.parent
 )
 SELECT n FROM won
 ";
 
-/// [`COMMIT_SQL`] for the commonest batch: one commit that moves an existing head (every commit
-/// of a thread but its namespace's first, whenever no other commit is in flight). Scalars
-/// instead of arrays, no `born` branch and no join from blobs to their commit: the executor has
-/// fewer nodes to set up, about 100 µs of server CPU less per commit on the benchmark machine.
-/// The same fence, compare-and-swap, inserts and fold, under the same locks; the count is 1 if
-/// the commit went through.
+/// [`COMMIT_SQL`] for one commit (the lease's session gone, or a lease built by hand) whose
+/// blobs are all versions of its own checkpoint: scalars instead of arrays, and the blobs in the
+/// checkpoint row. The same fence, head check and fold; the count is 1 if it went through.
 const SOLO_COMMIT_SQL: &str = r"
 WITH fenced AS (
     SELECT t.tid FROM agentic.threads t
@@ -397,39 +434,84 @@ WITH fenced AS (
     FOR SHARE
 ),
 won AS (
-    UPDATE agentic.heads h SET head = $5
-    FROM fenced f
-    WHERE h.tid = f.tid AND h.ns = $3 AND h.head = $7
-    RETURNING h.tid
+    SELECT f.tid FROM fenced f
+    WHERE (SELECT max(k.id) FROM agentic.checkpoints k WHERE k.tid = f.tid AND k.ns = $3) IS NOT DISTINCT FROM $7
 ),
 saved AS (
-    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata)
-    SELECT w.tid, $3, $5, $6, $8, $9, $10, $11::jsonb FROM won w
+    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
+    SELECT w.tid, $3, $5, $6, $8, $9, $10, $11::jsonb, $12, $13, $14 FROM won w
     ON CONFLICT (tid, ns, id) DO UPDATE
     SET parent = excluded.parent, step = excluded.step, source = excluded.source, body = excluded.body,
-        metadata = excluded.metadata, created_at = excluded.created_at
-),
-blobs AS (
-    INSERT INTO agentic.channel_values (tid, ns, channel, version, base, data)
-    SELECT w.tid, $3, b.channel, b.version, b.base, b.data
-    FROM won w, unnest($12::text[], $13::int8[], $14::int8[], $15::bytea[]) AS b(channel, version, base, data)
-    ON CONFLICT (tid, ns, channel, version) DO UPDATE SET base = excluded.base, data = excluded.data
+        metadata = excluded.metadata, created_at = excluded.created_at,
+        channels = excluded.channels, bases = excluded.bases, data = excluded.data
 ),
 folded AS (
     DELETE FROM agentic.writes x
     USING won w
-    WHERE x.tid = w.tid AND x.ns = $3
-        AND x.checkpoint IN ($6, (SELECT k.parent FROM agentic.checkpoints k WHERE k.tid = w.tid AND k.ns = $3 AND k.id = $7))
+    WHERE x.tid = w.tid AND x.ns = $3 AND x.checkpoint <= $6
 )
 SELECT count(*) FROM won
 ";
+
+/// A commit on the lease session, which holds the thread's advisory lock: no other runner holds
+/// the thread while this statement runs (a lock dies only with its session, after the session's
+/// statement), so the lock is the fence and no row is locked. What is left of a commit is one
+/// insert, of the checkpoint with its blobs (`$9`..`$11`), if the thread still exists and the
+/// head is still the one the step built on (`$12`; `max` is a backward probe of the primary key),
+/// and the fold of the parent's pending writes (and of older ones that raced the previous
+/// commit). The count is 1 if the commit went through.
+const LEASED_COMMIT_SQL: &str = r"
+WITH saved AS (
+    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
+    SELECT t.tid, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11
+    FROM agentic.threads t
+    WHERE t.tid = $1
+        AND (SELECT max(k.id) FROM agentic.checkpoints k WHERE k.tid = $1 AND k.ns = $2) IS NOT DISTINCT FROM $12
+    RETURNING tid
+),
+folded AS (
+    DELETE FROM agentic.writes x USING saved s WHERE x.tid = s.tid AND x.ns = $2 AND x.checkpoint <= $4
+)
+SELECT count(*) FROM saved
+";
+
+/// [`LEASED_COMMIT_SQL`] when the lease knows the head is the one the step built on (see
+/// [`KnownHeads`]): nothing to check, so the insert of the row and the fold are all there is.
+const LEASED_APPEND_SQL: &str = r"
+WITH folded AS (
+    DELETE FROM agentic.writes x WHERE x.tid = $1 AND x.ns = $2 AND x.checkpoint <= $4
+)
+INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11)
+";
+
+/// The blobs of a commit as the checkpoint row's arrays (channels, bases, bytes; `None` if there
+/// are none), if every one is a version of that checkpoint: a commit flushing several held
+/// steps (durability "exit") also writes versions of the steps before.
+fn inline_blobs(commit: &StepCommit) -> Option<InlineBlobs<'_>> {
+    let id = commit.checkpoint.id;
+    if commit.blobs.iter().any(|b| b.version != id) {
+        return None;
+    }
+    if commit.blobs.is_empty() {
+        return Some((None, None, None));
+    }
+    Some((
+        Some(commit.blobs.iter().map(|b| b.channel.as_str()).collect()),
+        Some(commit.blobs.iter().map(|b| b.base.map(|v| v as i64)).collect()),
+        Some(commit.blobs.iter().map(|b| b.data.as_slice()).collect()),
+    ))
+}
+
+/// The arrays [`inline_blobs`] binds.
+type InlineBlobs<'a> = (Option<Vec<&'a str>>, Option<Vec<Option<i64>>>, Option<Vec<&'a [u8]>>);
 
 /// The lock and the thread upsert of [`TAKE_SQL`] and [`TAKE_ADMIT_SQL`].
 macro_rules! take_ctes {
     () => {
         r"
 WITH lock AS (
-    SELECT pg_try_advisory_lock($6) AS locked
+    SELECT pg_try_advisory_lock($6) AS locked, set_config('synchronous_commit', 'off', true) AS async
 ),
 bumped AS (
     INSERT INTO agentic.threads (thread_id, graph_name, graph_hash, owner, epoch)
@@ -444,14 +526,20 @@ bumped AS (
 }
 
 /// Takes a thread's lock (`$6`) and, if it got it, the thread: creates it or bumps its epoch,
-/// unless another graph owns it and no change is allowed (`$5`). One round trip. The upsert
+/// unless another graph owns it and no change is allowed (`$5`). One round trip.
+///
+/// Committed without waiting for the WAL flush (`synchronous_commit` off for this transaction
+/// only): a bump or admission lost in a server crash takes with it every later commit of its
+/// holder (the WAL is flushed in order, so the holder's first durable commit makes it durable
+/// too), and that holder's next commits are refused as fenced. No step is reported done before
+/// one of its own commits is durable. Safe, and one fsync less per acquire. The upsert
 /// works on the newest thread row (it waits for a commit holding it FOR SHARE); the highest
 /// checkpoint id is read by the next statement, whose snapshot sees that commit.
 const TAKE_SQL: &str =
     concat!(take_ctes!(), "\nSELECT lock.locked, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true");
 
-/// [`TAKE_SQL`] that also stores a run's first checkpoint (`$7`..`$15`: id, step, source, body,
-/// metadata, and the values' channels, versions, bases and bytes) if the thread row was just
+/// [`TAKE_SQL`] that also stores a run's first checkpoint (`$7`..`$14`: id, step, source, body,
+/// metadata, and its values' channels, bases and bytes) if the thread row was just
 /// inserted (epoch 1: a new `tid`, so no checkpoint of it can exist): a new thread's lease and
 /// admission in one round trip and one WAL flush. Nothing is stored for a thread that already
 /// existed.
@@ -461,17 +549,9 @@ const TAKE_ADMIT_SQL: &str = concat!(
 fresh AS (
     SELECT tid FROM bumped WHERE epoch = 1
 ),
-born AS (
-    INSERT INTO agentic.heads (tid, ns, head) SELECT tid, '', $7 FROM fresh
-),
 saved AS (
-    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata)
-    SELECT tid, '', $7, NULL, $8, $9, $10, $11::jsonb FROM fresh
-),
-blobs AS (
-    INSERT INTO agentic.channel_values (tid, ns, channel, version, base, data)
-    SELECT f.tid, '', b.channel, b.version, b.base, b.data
-    FROM fresh f, unnest($12::text[], $13::int8[], $14::int8[], $15::bytea[]) AS b(channel, version, base, data)
+    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
+    SELECT tid, '', $7, NULL, $8, $9, $10, $11::jsonb, $12, $13, $14 FROM fresh
 )
 SELECT lock.locked, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true"
 );
@@ -508,12 +588,12 @@ struct Taken {
 
 /// Why commits were refused: each one's thread epoch, head, and whether its checkpoint exists.
 const VERDICT_SQL: &str = r"
-SELECT c.n, t.epoch, h.head,
+SELECT c.n, t.epoch,
+       (SELECT max(k.id) FROM agentic.checkpoints k WHERE k.tid = t.tid AND k.ns = c.ns) AS head,
        EXISTS (SELECT 1 FROM agentic.checkpoints k WHERE k.tid = t.tid AND k.ns = c.ns AND k.id = c.id) AS stored
 FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[]) WITH ORDINALITY AS c(thread_id, ns, id, handle, n)
     LEFT JOIN agentic.threads t
         ON t.tid = coalesce(c.handle, (SELECT u.tid FROM agentic.threads u WHERE u.thread_id = c.thread_id))
-    LEFT JOIN agentic.heads h ON h.tid = t.tid AND h.ns = c.ns
 ";
 
 /// What a refused commit turned out to be.
@@ -562,13 +642,8 @@ impl PostgresCheckpointer {
     /// the same options.
     pub async fn from_pool(pool: PgPool) -> Result<Self> {
         MIGRATOR.run(&pool).await.map_err(|e| pg_error("migrate")(e.into()))?;
-        // Lease connections only write epoch bumps, which need not wait for the WAL flush: a bump
-        // lost in a crash takes with it every later commit of its holder (the WAL is flushed in
-        // order), and that holder's next commits are refused as fenced. Safe, and one fsync
-        // less per acquire.
-        let lease_options = PgConnectOptions::clone(&pool.connect_options()).options([("synchronous_commit", "off")]);
         let leases = Arc::new(LeaseSession {
-            options: lease_options,
+            options: PgConnectOptions::clone(&pool.connect_options()),
             conn: tokio::sync::Mutex::new((0, None)),
             held: Mutex::default(),
         });
@@ -661,9 +736,9 @@ impl PostgresCheckpointer {
     /// Runs the commit statement, then explains the refusals. `None`: try again.
     async fn run_commit(&self, todo: &[(&Lease, &StepCommit)]) -> Result<Vec<Option<Result<()>>>> {
         if let [(lease, commit)] = todo
-            && let Some(expected) = commit.checkpoint.expected_head
+            && let Some(blobs) = inline_blobs(commit)
         {
-            return self.run_solo_commit(lease, commit, expected).await;
+            return self.run_solo_commit(lease, commit, blobs).await;
         }
         let b = Batch::new(todo)?;
         let mut conn = self.commit_conns.take(&self.pool).await?;
@@ -699,12 +774,12 @@ impl PostgresCheckpointer {
         Ok(outcomes)
     }
 
-    /// [`SOLO_COMMIT_SQL`]: one commit that moves an existing head.
+    /// [`SOLO_COMMIT_SQL`]: one fenced commit, its blobs in its row.
     async fn run_solo_commit(
         &self,
         lease: &Lease,
         commit: &StepCommit,
-        expected: u64,
+        (channels, bases, data): InlineBlobs<'_>,
     ) -> Result<Vec<Option<Result<()>>>> {
         let ckpt = &commit.checkpoint;
         let body = super::codec::encode(&*ckpt.body)?;
@@ -717,15 +792,14 @@ impl PostgresCheckpointer {
             .bind(lease.epoch as i64)
             .bind(ckpt.id as i64)
             .bind(ckpt.parent.map(|p| p as i64))
-            .bind(expected as i64)
+            .bind(ckpt.expected_head.map(|h| h as i64))
             .bind(ckpt.step as i64)
             .bind(ckpt.source.as_str())
             .bind(body)
             .bind(metadata)
-            .bind(commit.blobs.iter().map(|b| b.channel.as_str()).collect::<Vec<_>>())
-            .bind(i64s(commit.blobs.iter().map(|b| b.version)))
-            .bind(commit.blobs.iter().map(|b| b.base.map(|v| v as i64)).collect::<Vec<_>>())
-            .bind(commit.blobs.iter().map(|b| b.data.as_slice()).collect::<Vec<_>>())
+            .bind(channels)
+            .bind(bases)
+            .bind(data)
             .fetch_one(&mut conn)
             .await
             .map_err(pg_error("commit"))?;
@@ -735,6 +809,76 @@ impl PostgresCheckpointer {
             self.explain_refusals(&[(lease, commit)], &[0], &mut outcomes).await?;
         }
         Ok(outcomes)
+    }
+
+    /// A commit on the session that holds the lease's lock: [`LEASED_APPEND_SQL`] when the lease
+    /// knows the head the step built on is current, [`LEASED_COMMIT_SQL`] otherwise. `None` if it
+    /// cannot go there: the lease is not one of this checkpointer's, its session is gone (the
+    /// lock with it: the fenced statement decides), or its blobs do not fit in its row.
+    async fn leased_commit(&self, lease: &Lease, commit: &StepCommit) -> Option<Result<()>> {
+        let held = lease.guard::<HeldLock>()?;
+        let tid = lease.handle?;
+        if !Arc::ptr_eq(&held.session, &self.leases) {
+            return None;
+        }
+        let (channels, bases, data) = inline_blobs(commit)?;
+        let ckpt = &commit.checkpoint;
+        let encoded =
+            super::codec::encode(&*ckpt.body).and_then(|body| Ok((body, serde_json::to_string(&*ckpt.metadata)?)));
+        let (body, metadata) = match encoded {
+            Ok(encoded) => encoded,
+            Err(err) => return Some(Err(err)),
+        };
+        let known = held.knows_head(&commit.ns, ckpt.expected_head);
+        let mut guard = self.leases.conn.lock().await;
+        if guard.0 != held.generation {
+            return None;
+        }
+        let conn = guard.1.as_mut()?;
+        let query = sqlx::query(if known { LEASED_APPEND_SQL } else { LEASED_COMMIT_SQL })
+            .bind(tid)
+            .bind(&commit.ns)
+            .bind(ckpt.id as i64)
+            .bind(ckpt.parent.map(|p| p as i64))
+            .bind(ckpt.step as i64)
+            .bind(ckpt.source.as_str())
+            .bind(body)
+            .bind(metadata)
+            .bind(channels)
+            .bind(bases)
+            .bind(data);
+        let won = if known {
+            query.execute(conn).await.map(|done| done.rows_affected() == 1)
+        } else {
+            let query = query.bind(ckpt.expected_head.map(|h| h as i64));
+            query.fetch_one(conn).await.and_then(|row| sqlx::Row::try_get::<i64, _>(&row, 0)).map(|n| n == 1)
+        };
+        let won = match won {
+            Ok(won) => won,
+            Err(err) if session_gone(&err) => {
+                // The lease's lock went with the session: the fenced statement commits, or
+                // finds that this one landed (its verdict: stored, and the head).
+                guard.1 = None;
+                held.settle(&commit.ns, None);
+                return None;
+            }
+            Err(err) => {
+                held.settle(&commit.ns, None);
+                return Some(Err(pg_error("commit")(err)));
+            }
+        };
+        drop(guard);
+        if won {
+            held.settle(&commit.ns, Some(ckpt.id));
+            return Some(Ok(()));
+        }
+        held.settle(&commit.ns, None);
+        let mut outcomes = vec![None];
+        if let Err(err) = self.explain_refusals(&[(lease, commit)], &[0], &mut outcomes).await {
+            return Some(Err(err));
+        }
+        // Refused with nothing to explain it: the fenced statement tries again.
+        outcomes.pop().flatten()
     }
 
     /// Fills in the outcome of each refused commit (positions in `todo`) from the database's
@@ -777,6 +921,8 @@ impl PostgresCheckpointer {
             Some(commit) => Some((
                 super::codec::encode(&*commit.checkpoint.body)?,
                 serde_json::to_string(&*commit.checkpoint.metadata)?,
+                inline_blobs(commit)
+                    .ok_or_else(|| Error::InvalidState("an admission writes versions of its own".into()))?,
             )),
             None => None,
         };
@@ -808,7 +954,7 @@ impl PostgresCheckpointer {
                 .bind(request.owner)
                 .bind(request.allow_graph_change)
                 .bind(key);
-            if let (Some(commit), Some((body, metadata))) = (admission, &encoded) {
+            if let (Some(commit), Some((body, metadata, blobs))) = (admission, &encoded) {
                 let ckpt = &commit.checkpoint;
                 query = query
                     .bind(ckpt.id as i64)
@@ -816,10 +962,9 @@ impl PostgresCheckpointer {
                     .bind(ckpt.source.as_str())
                     .bind(body.as_slice())
                     .bind(metadata.as_str())
-                    .bind(commit.blobs.iter().map(|b| b.channel.as_str()).collect::<Vec<_>>())
-                    .bind(i64s(commit.blobs.iter().map(|b| b.version)))
-                    .bind(commit.blobs.iter().map(|b| b.base.map(|v| v as i64)).collect::<Vec<_>>())
-                    .bind(commit.blobs.iter().map(|b| b.data.as_slice()).collect::<Vec<_>>());
+                    .bind(blobs.0.clone())
+                    .bind(blobs.1.clone())
+                    .bind(blobs.2.clone());
             }
             let taken: std::result::Result<Taken, sqlx::Error> = query.fetch_one(&mut *conn).await;
             match taken {
@@ -885,7 +1030,14 @@ impl PostgresCheckpointer {
         };
         let epoch = taken.epoch.unwrap_or_default() as u64;
         let admitted = admission.is_some() && epoch == 1;
-        let guard = HeldLock { session: Arc::clone(&self.leases), key, generation };
+        // Epoch 1: the thread row was just made, so no checkpoint of it exists but the admission.
+        let mut known = KnownHeads { new_thread: epoch == 1, heads: HashMap::new() };
+        let root = match admission {
+            Some(commit) if admitted => Some(commit.checkpoint.id),
+            _ => head.as_ref().map(|row| row.id as u64),
+        };
+        known.heads.insert(String::new(), root);
+        let guard = HeldLock { session: Arc::clone(&self.leases), key, generation, heads: Mutex::new(known) };
         let lease = Lease::new(request.thread, request.owner, epoch, max_seq, Some(Box::new(guard)));
         Ok((lease.with_handle(taken.tid), admitted, head))
     }
@@ -897,12 +1049,23 @@ impl PostgresCheckpointer {
     /// bump waited for is visible to it (a statement's snapshot predates its waits).
     async fn max_seq_and_head(conn: &mut PgConnection, tid: i64) -> Result<(u64, Option<CheckpointRow>)> {
         let row: SeqAndHead = sqlx::query_as(
-            "SELECT m.max_seq, c.id, c.parent, c.step, c.source, c.body, c.metadata::text AS metadata,
+            // The namespaces are walked one primary-key probe each (a loose index scan), and
+            // each one's newest id read by a backward probe: no scan of the thread's history.
+            "WITH RECURSIVE spaces AS (
+                (SELECT k.ns FROM agentic.checkpoints k WHERE k.tid = $1 ORDER BY k.ns LIMIT 1)
+                UNION ALL
+                SELECT (SELECT k.ns FROM agentic.checkpoints k WHERE k.tid = $1 AND k.ns > s.ns ORDER BY k.ns LIMIT 1)
+                FROM spaces s WHERE s.ns IS NOT NULL
+             ),
+             m AS (
+                SELECT coalesce(max((SELECT max(k.id) FROM agentic.checkpoints k WHERE k.tid = $1 AND k.ns = s.ns)), 0)::int8
+                    AS max_seq
+                FROM spaces s WHERE s.ns IS NOT NULL
+             )
+             SELECT m.max_seq, c.id, c.parent, c.step, c.source, c.body, c.metadata::text AS metadata,
                     (extract(epoch FROM c.created_at) * 1000000)::int8 AS created_us
-             FROM (SELECT coalesce(max((SELECT max(c.id) FROM agentic.checkpoints c WHERE c.tid = h.tid AND c.ns = h.ns)), 0)::int8 AS max_seq
-                   FROM agentic.heads h WHERE h.tid = $1) m
-                LEFT JOIN agentic.heads h ON h.tid = $1 AND h.ns = ''
-                LEFT JOIN agentic.checkpoints c ON c.tid = h.tid AND c.ns = '' AND c.id = h.head",
+             FROM m LEFT JOIN agentic.checkpoints c
+                ON c.tid = $1 AND c.ns = '' AND c.id = (SELECT max(k.id) FROM agentic.checkpoints k WHERE k.tid = $1 AND k.ns = '')",
         )
         .bind(tid)
         .fetch_one(conn)
@@ -942,7 +1105,7 @@ impl PostgresCheckpointer {
             // The target is computed first so the checkpoint is one primary-key probe, whatever
             // the planner's statistics say.
             "WITH target AS (
-                SELECT t.tid, coalesce($3, (SELECT h.head FROM agentic.heads h WHERE h.tid = t.tid AND h.ns = $2)) AS id
+                SELECT t.tid, coalesce($3, (SELECT max(k.id) FROM agentic.checkpoints k WHERE k.tid = t.tid AND k.ns = $2)) AS id
                 FROM agentic.threads t WHERE t.thread_id = $1
              )
              SELECT c.tid, c.id, c.parent, c.step, c.source, c.body, c.metadata::text AS metadata,
@@ -966,27 +1129,40 @@ impl PostgresCheckpointer {
         let rows: Vec<ChannelRows> = if channels.is_empty() {
             Vec::new()
         } else {
-            // Each channel's chain from its head row through `base`, one primary-key probe a row
-            // (at most SEGMENT_ROWS - 1 deltas plus a row per closed segment), aggregated into one
-            // row of arrays per channel. Every probe is a LIMIT 1 subquery so the planner cannot
-            // flatten it into a join that scans the thread's rows on each step of the recursion
-            // (which it does when its statistics predate the rows).
+            // Each channel's chain from its head version through `base`, aggregated into one row
+            // of arrays per channel (at most SEGMENT_ROWS - 1 deltas plus one per closed segment).
+            // A version is in the row of the checkpoint that wrote it (its id is the version) or
+            // in `channel_values`: one primary-key probe each. Every probe is a LIMIT 1 subquery
+            // so the planner cannot flatten it into a join that scans the thread's rows on each
+            // step of the recursion (which it does when its statistics predate the rows).
             sqlx::query_as(
                 "WITH RECURSIVE chain AS (
-                    SELECT v.channel, v.version, v.base, v.data
+                    SELECT k.channel, k.version, v.base, v.data
                     FROM unnest($3::text[], $4::int8[]) AS k(channel, version)
                         CROSS JOIN LATERAL (
-                            SELECT v.channel, v.version, v.base, v.data FROM agentic.channel_values v
-                            WHERE v.tid = $1 AND v.ns = $2 AND v.channel = k.channel AND v.version = k.version
+                            (SELECT x.base, x.data
+                             FROM agentic.checkpoints r, unnest(r.channels, r.bases, r.data) AS x(channel, base, data)
+                             WHERE r.tid = $1 AND r.ns = $2 AND r.id = k.version AND x.channel = k.channel
+                             LIMIT 1)
+                            UNION ALL
+                            (SELECT v.base, v.data FROM agentic.channel_values v
+                             WHERE v.tid = $1 AND v.ns = $2 AND v.channel = k.channel AND v.version = k.version
+                             LIMIT 1)
                             LIMIT 1
                         ) v
                     UNION ALL
-                    SELECT v.channel, v.version, v.base, v.data
+                    SELECT c.channel, c.base, v.base, v.data
                     FROM chain c
                         CROSS JOIN LATERAL (
-                            SELECT v.channel, v.version, v.base, v.data FROM agentic.channel_values v
-                            WHERE v.tid = $1 AND v.ns = $2 AND v.channel = c.channel AND v.version = c.base
+                            (SELECT x.base, x.data
+                             FROM agentic.checkpoints r, unnest(r.channels, r.bases, r.data) AS x(channel, base, data)
+                             WHERE r.tid = $1 AND r.ns = $2 AND r.id = c.base AND r.id < c.version AND x.channel = c.channel
+                             LIMIT 1)
+                            UNION ALL
+                            (SELECT v.base, v.data FROM agentic.channel_values v
+                             WHERE v.tid = $1 AND v.ns = $2 AND v.channel = c.channel AND v.version = c.base
                                 AND v.version < c.version
+                             LIMIT 1)
                             LIMIT 1
                         ) v
                  )
@@ -1046,6 +1222,14 @@ fn judge(lease: &Lease, commit: &StepCommit, verdict: &Verdict) -> Refusal {
     Refusal::Retry
 }
 
+/// Records a fenced commit's outcome in the heads its lease knows.
+fn settled(lease: &Lease, commit: &StepCommit, result: Result<()>) -> Result<()> {
+    if let Some(held) = lease.guard::<HeldLock>() {
+        held.settle(&commit.ns, result.is_ok().then_some(commit.checkpoint.id));
+    }
+    result
+}
+
 /// A commit the batch left without an outcome (never expected: every commit gets one).
 fn unanswered() -> Error {
     Error::Checkpoint { backend: BACKEND, message: "commit left without an outcome".to_owned(), transient: true }
@@ -1072,7 +1256,7 @@ impl Checkpointer for PostgresCheckpointer {
     }
 
     async fn begin(&self, request: LeaseRequest<'_>, admission: Option<&StepCommit>) -> Result<Begun> {
-        let admission = admission.filter(|commit| is_first(commit, request.thread));
+        let admission = admission.filter(|commit| is_first(commit, request.thread) && inline_blobs(commit).is_some());
         let (lease, admitted, head) = self.take_lease(&request, admission).await?;
         let head = match (head, lease.handle) {
             (Some(row), Some(tid)) => match self.with_values(tid, "", row).await {
@@ -1100,30 +1284,36 @@ impl Checkpointer for PostgresCheckpointer {
             // No statement in flight: no other commit to share one with, so commit here rather
             // than hand over to a committer task (a wake-up of another worker thread each way).
             if let Some(_counted) = InFlight::enter_alone(&self.in_flight) {
-                return self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()));
+                if let Some(result) = self.leased_commit(lease, commit).await {
+                    return result;
+                }
+                let result = self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()));
+                return settled(lease, commit, result);
             }
             let (reply, answer) = oneshot::channel();
             let job = CommitJob { lease: lease.fencing_copy(), commit: commit.clone(), reply };
             if committer.send(job).is_ok()
                 && let Ok(result) = answer.await
             {
-                return result;
+                return settled(lease, commit, result);
             }
             // The committer is gone (its runtime shut down): commit directly.
         }
-        self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()))
+        let result = self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()));
+        settled(lease, commit, result)
     }
 
     async fn head(&self, thread: &str, ns: &str) -> Result<Option<u64>> {
-        let head: Option<i64> = sqlx::query_scalar(
-            "SELECT h.head FROM agentic.threads t JOIN agentic.heads h ON h.tid = t.tid WHERE t.thread_id = $1 AND h.ns = $2",
+        let head: Option<Option<i64>> = sqlx::query_scalar(
+            "SELECT (SELECT max(k.id) FROM agentic.checkpoints k WHERE k.tid = t.tid AND k.ns = $2)
+             FROM agentic.threads t WHERE t.thread_id = $1",
         )
         .bind(thread)
         .bind(ns)
         .fetch_optional(&self.pool)
         .await
         .map_err(pg_error("read head"))?;
-        Ok(head.map(|h| h as u64))
+        Ok(head.flatten().map(|h| h as u64))
     }
 
     async fn load(&self, thread: &str, ns: &str, id: Option<u64>) -> Result<Option<StoredCheckpoint>> {
@@ -1157,14 +1347,14 @@ impl Checkpointer for PostgresCheckpointer {
     }
 
     async fn put_writes(&self, step: StepRef<'_>, writes: &[PendingWrite]) -> Result<PutOutcome> {
-        // The head row is locked FOR SHARE: a commit moving the head waits for these writes (and
-        // deletes them as its parent's), or these writes wait for the commit and find the head
-        // moved. The first write of a (task, kind, key) wins.
+        // Stored only while the checkpoint is its namespace's head. Writes that checked the head
+        // before a commit moving it landed, and were stored after, are deleted by the next commit
+        // (it folds every checkpoint up to its parent). The first write of a (task, kind, key) wins.
         let (current, saved): (i64, i64) = sqlx::query_as(
             "WITH step AS (
-                SELECT h.tid FROM agentic.threads t JOIN agentic.heads h ON h.tid = t.tid
-                WHERE t.thread_id = $1 AND h.ns = $2 AND h.head = $3
-                FOR SHARE OF h
+                SELECT t.tid FROM agentic.threads t
+                WHERE t.thread_id = $1
+                    AND (SELECT max(k.id) FROM agentic.checkpoints k WHERE k.tid = t.tid AND k.ns = $2) = $3
              ),
              saved AS (
                 INSERT INTO agentic.writes (tid, ns, checkpoint, task, kind, key, data)
@@ -1212,8 +1402,35 @@ impl Checkpointer for PostgresCheckpointer {
     async fn delete_thread(&self, thread: &str) -> Result<()> {
         let fail = pg_error("delete thread");
         let mut tx = self.pool.begin().await.map_err(&fail)?;
-        // Deleting the thread row first makes commits in flight finish (they hold it FOR SHARE)
-        // and later ones find no thread; the next statement's snapshot then sees every row.
+        // A runner holding the thread commits on its lease session without looking at the
+        // thread row: the deletion waits for its lease (the advisory lock, held to the end of
+        // this transaction) and is refused if it is not released within DELETE_WAIT.
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(format!("{}ms", DELETE_WAIT.as_millis()))
+            .execute(&mut *tx)
+            .await
+            .map_err(&fail)?;
+        let locked =
+            match sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(lease_key(thread)).execute(&mut *tx).await {
+                Ok(_) => true,
+                Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("55P03") => false,
+                Err(err) => return Err(fail(err)),
+            };
+        if !locked {
+            let owner: Option<Option<String>> =
+                sqlx::query_scalar("SELECT owner FROM agentic.threads WHERE thread_id = $1")
+                    .bind(thread)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(&fail)?;
+            return Err(Error::LeaseHeld {
+                thread: thread.to_owned(),
+                owner: owner.flatten().unwrap_or_default(),
+                until: until_words(None),
+            });
+        }
+        // Deleting the thread row first makes fenced commits in flight finish (they hold it FOR
+        // SHARE) and later ones find no thread; the next statement's snapshot then sees every row.
         let tid: Option<i64> = sqlx::query_scalar("DELETE FROM agentic.threads WHERE thread_id = $1 RETURNING tid")
             .bind(thread)
             .fetch_optional(&mut *tx)
@@ -1221,8 +1438,7 @@ impl Checkpointer for PostgresCheckpointer {
             .map_err(&fail)?;
         if let Some(tid) = tid {
             sqlx::query(
-                "WITH h AS (DELETE FROM agentic.heads WHERE tid = $1),
-                      c AS (DELETE FROM agentic.checkpoints WHERE tid = $1),
+                "WITH c AS (DELETE FROM agentic.checkpoints WHERE tid = $1),
                       v AS (DELETE FROM agentic.channel_values WHERE tid = $1)
                  DELETE FROM agentic.writes WHERE tid = $1",
             )
@@ -1237,43 +1453,41 @@ impl Checkpointer for PostgresCheckpointer {
     async fn prune(&self, thread: &str, keep: usize) -> Result<u64> {
         let fail = pg_error("prune");
         let mut tx = self.pool.begin().await.map_err(&fail)?;
-        // FOR UPDATE keeps commits out (they hold the row FOR SHARE) until the blobs no kept
-        // checkpoint needs are gone: a blob committed meanwhile would look unused.
+        // FOR UPDATE keeps fenced commits out (they hold the row FOR SHARE). A commit on a lease
+        // session may still land meanwhile: it only adds a checkpoint newer than every one read
+        // here, its blobs in its own row, built on the head, which is kept with every version it
+        // names. What this prune deletes is fixed by the ids it reads first.
         let tid: Option<i64> = sqlx::query_scalar("SELECT tid FROM agentic.threads WHERE thread_id = $1 FOR UPDATE")
             .bind(thread)
             .fetch_optional(&mut *tx)
             .await
             .map_err(&fail)?;
         let Some(tid) = tid else { return Ok(0) };
-        let deleted: i64 = sqlx::query_scalar(
-            "WITH ranked AS (
-                SELECT ns, id, row_number() OVER (PARTITION BY ns ORDER BY id DESC) AS rank
-                FROM agentic.checkpoints WHERE tid = $1
-             ),
-             gone AS (
-                DELETE FROM agentic.checkpoints c USING ranked r
-                WHERE c.tid = $1 AND c.ns = r.ns AND c.id = r.id AND r.rank > $2
-                RETURNING c.ns, c.id
-             ),
-             writes_gone AS (
-                DELETE FROM agentic.writes w USING gone g WHERE w.tid = $1 AND w.ns = g.ns AND w.checkpoint = g.id
-             )
-             SELECT count(*) FROM gone",
+        // Every checkpoint, with the body of the newest `keep` of each namespace.
+        let ranked: Vec<(String, i64, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT ns, id, CASE WHEN rank <= $2 THEN body END
+             FROM (SELECT ns, id, body, row_number() OVER (PARTITION BY ns ORDER BY id DESC) AS rank
+                   FROM agentic.checkpoints WHERE tid = $1) r",
         )
         .bind(tid)
         .bind(keep.min(i64::MAX as usize) as i64)
-        .fetch_one(&mut *tx)
+        .fetch_all(&mut *tx)
         .await
         .map_err(&fail)?;
-        let kept: Vec<(String, Vec<u8>)> = sqlx::query_as("SELECT ns, body FROM agentic.checkpoints WHERE tid = $1")
-            .bind(tid)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(&fail)?;
-        let kept =
-            kept.into_iter().map(|(ns, body)| Ok((ns, super::codec::decode(&body)?))).collect::<Result<Vec<_>>>()?;
+        let mut kept = Vec::new();
+        let mut doomed = Vec::new();
+        for (ns, id, body) in ranked {
+            match body {
+                Some(body) => kept.push((ns, super::codec::decode(&body)?)),
+                None => doomed.push((ns, id)),
+            }
+        }
         let deltas: Vec<(String, String, i64, i64)> = sqlx::query_as(
-            "SELECT ns, channel, version, base FROM agentic.channel_values WHERE tid = $1 AND base IS NOT NULL",
+            "SELECT ns, channel, version, base FROM agentic.channel_values WHERE tid = $1 AND base IS NOT NULL
+             UNION ALL
+             SELECT c.ns, x.channel, c.id, x.base
+             FROM agentic.checkpoints c, unnest(c.channels, c.bases) AS x(channel, base)
+             WHERE c.tid = $1 AND x.base IS NOT NULL",
         )
         .bind(tid)
         .fetch_all(&mut *tx)
@@ -1281,16 +1495,46 @@ impl Checkpointer for PostgresCheckpointer {
         .map_err(&fail)?;
         let deltas = deltas.into_iter().map(|(ns, channel, v, base)| ((ns, channel, v as u64), base as u64)).collect();
         let used = blobs_to_keep(&kept, &deltas);
-        sqlx::query(
-            "DELETE FROM agentic.channel_values v
-             WHERE v.tid = $1
-               AND (v.ns, v.channel, v.version) NOT IN (SELECT * FROM unnest($2::text[], $3::text[], $4::int8[]))",
+        // The versions still in use that live in a doomed checkpoint's row move to
+        // `channel_values` first; every statement of the CTE sees the same snapshot, so the
+        // moved rows are not among the unused ones deleted beside them.
+        let deleted: i64 = sqlx::query_scalar(
+            "WITH doomed AS (
+                SELECT * FROM unnest($2::text[], $3::int8[]) AS d(ns, id)
+             ),
+             used AS (
+                SELECT * FROM unnest($4::text[], $5::text[], $6::int8[]) AS u(ns, channel, version)
+             ),
+             moved AS (
+                INSERT INTO agentic.channel_values (tid, ns, channel, version, base, data)
+                SELECT c.tid, c.ns, x.channel, c.id, x.base, x.data
+                FROM doomed d
+                    JOIN agentic.checkpoints c ON c.tid = $1 AND c.ns = d.ns AND c.id = d.id
+                    CROSS JOIN LATERAL unnest(c.channels, c.bases, c.data) AS x(channel, base, data)
+                WHERE (c.ns, x.channel, c.id) IN (SELECT * FROM used)
+                ON CONFLICT DO NOTHING
+             ),
+             gone AS (
+                DELETE FROM agentic.checkpoints c USING doomed d
+                WHERE c.tid = $1 AND c.ns = d.ns AND c.id = d.id
+                RETURNING c.ns, c.id
+             ),
+             writes_gone AS (
+                DELETE FROM agentic.writes w USING gone g WHERE w.tid = $1 AND w.ns = g.ns AND w.checkpoint = g.id
+             ),
+             values_gone AS (
+                DELETE FROM agentic.channel_values v
+                WHERE v.tid = $1 AND (v.ns, v.channel, v.version) NOT IN (SELECT * FROM used)
+             )
+             SELECT count(*) FROM gone",
         )
         .bind(tid)
+        .bind(doomed.iter().map(|(ns, _)| ns.as_str()).collect::<Vec<_>>())
+        .bind(doomed.iter().map(|(_, id)| *id).collect::<Vec<_>>())
         .bind(used.iter().map(|(ns, _, _)| ns.as_str()).collect::<Vec<_>>())
         .bind(used.iter().map(|(_, channel, _)| channel.as_str()).collect::<Vec<_>>())
         .bind(i64s(used.iter().map(|(_, _, v)| *v)))
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(&fail)?;
         tx.commit().await.map_err(&fail)?;
