@@ -751,6 +751,34 @@ mod postgres_only {
     }
 
     #[sqlx::test(migrations = false)]
+    async fn a_dropped_lease_is_unlocked_by_the_next_take_without_freeing_a_new_lease(pool: PgPool) {
+        // Another runner: a checkpointer of its own, so a lease session of its own.
+        let other = store(pool.clone()).await;
+        let store = store(pool.clone()).await;
+        let first = lease(&store, "t", "runner-a").await;
+        drop(first);
+        // Taken again at once: this take carries the dropped lease's unlock, and the lock it
+        // takes again must outlive it (session locks count).
+        let again = lease(&store, "t", "runner-a").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let refused = try_lease(&other, "t", "runner-b").await;
+        assert!(matches!(&refused, Err(Error::LeaseHeld { .. })), "{refused:?}");
+
+        // Dropped with no take after it: unlocked on its own, soon.
+        drop(again);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match try_lease(&other, "t", "runner-b").await {
+                Ok(_) => break,
+                Err(Error::LeaseHeld { .. }) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(err) => panic!("the dropped lease was never unlocked: {err}"),
+            }
+        }
+    }
+
+    #[sqlx::test(migrations = false)]
     async fn deleting_a_thread_waits_for_its_runner_and_is_refused_while_it_holds_on(pool: PgPool) {
         let store = store(pool.clone()).await;
         let running = lease(&store, "t", "runner-a").await;

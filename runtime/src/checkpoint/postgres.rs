@@ -206,11 +206,43 @@ struct LeaseSession {
     /// them. Session locks are re-entrant, so a second runner of this process on the same thread
     /// is refused here, while the session that holds the lock lives.
     held: Mutex<HashMap<i64, u64>>,
+    /// Locks of dropped leases not unlocked yet (key, session generation): the next statement
+    /// that takes a lease unlocks them, or a flush [`UNLOCK_DELAY`] after the drop.
+    unlocks: Mutex<Vec<(i64, u64)>>,
 }
+
+/// How long a dropped lease's lock waits for a lease statement to carry its unlock before it is
+/// sent alone: a runner that takes its next thread at once saves a round trip per run.
+const UNLOCK_DELAY: Duration = Duration::from_millis(2);
 
 impl LeaseSession {
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u64>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes the keys waiting to be unlocked on the session of `generation` (those of an older
+    /// session went with it).
+    fn take_unlocks(&self, generation: u64) -> Vec<i64> {
+        let mut unlocks = self.unlocks.lock().unwrap_or_else(PoisonError::into_inner);
+        let keys = unlocks.iter().filter(|(_, g)| *g == generation).map(|(key, _)| *key).collect();
+        unlocks.clear();
+        keys
+    }
+
+    /// Unlocks the keys of dropped leases that no lease statement carried.
+    async fn flush_unlocks(&self) {
+        let mut guard = self.conn.lock().await;
+        let keys = self.take_unlocks(guard.0);
+        if keys.is_empty() {
+            return;
+        }
+        if let Some(conn) = guard.1.as_mut() {
+            let unlocked =
+                sqlx::query("SELECT pg_advisory_unlock(k) FROM unnest($1::int8[]) AS k").bind(keys).execute(conn).await;
+            if unlocked.is_err() {
+                guard.1 = None; // a broken session: its locks are gone with it
+            }
+        }
     }
 }
 
@@ -269,18 +301,11 @@ impl Drop for HeldLock {
             }
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        let (session, key, generation) = (Arc::clone(&self.session), self.key, self.generation);
+        self.session.unlocks.lock().unwrap_or_else(PoisonError::into_inner).push((self.key, self.generation));
+        let session = Arc::clone(&self.session);
         runtime.spawn(async move {
-            let mut guard = session.conn.lock().await;
-            if guard.0 != generation {
-                return; // that session is gone, and its locks with it
-            }
-            if let Some(conn) = guard.1.as_mut() {
-                let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)").bind(key).execute(conn).await;
-                if unlocked.is_err() {
-                    guard.1 = None; // a broken session: its locks are gone with it
-                }
-            }
+            tokio::time::sleep(UNLOCK_DELAY).await;
+            session.flush_unlocks().await;
         });
     }
 }
@@ -513,6 +538,9 @@ macro_rules! take_ctes {
 WITH lock AS (
     SELECT pg_try_advisory_lock($6) AS locked, set_config('synchronous_commit', 'off', true) AS async
 ),
+unlocked AS (
+    SELECT count(pg_advisory_unlock(k)) AS n FROM unnest($7::int8[]) AS k
+),
 bumped AS (
     INSERT INTO agentic.threads (thread_id, graph_name, graph_hash, owner, epoch)
     SELECT $1, $2, $3, $4, 1 FROM lock WHERE locked
@@ -526,7 +554,9 @@ bumped AS (
 }
 
 /// Takes a thread's lock (`$6`) and, if it got it, the thread: creates it or bumps its epoch,
-/// unless another graph owns it and no change is allowed (`$5`). One round trip.
+/// unless another graph owns it and no change is allowed (`$5`). One round trip, which also
+/// unlocks the locks of this session's dropped leases (`$7`; session locks count, so a key
+/// locked again here stays held).
 ///
 /// Committed without waiting for the WAL flush (`synchronous_commit` off for this transaction
 /// only): a bump or admission lost in a server crash takes with it every later commit of its
@@ -535,10 +565,12 @@ bumped AS (
 /// one of its own commits is durable. Safe, and one fsync less per acquire. The upsert
 /// works on the newest thread row (it waits for a commit holding it FOR SHARE); the highest
 /// checkpoint id is read by the next statement, whose snapshot sees that commit.
-const TAKE_SQL: &str =
-    concat!(take_ctes!(), "\nSELECT lock.locked, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true");
+const TAKE_SQL: &str = concat!(
+    take_ctes!(),
+    "\nSELECT lock.locked, bumped.tid, bumped.epoch FROM lock CROSS JOIN unlocked LEFT JOIN bumped ON true"
+);
 
-/// [`TAKE_SQL`] that also stores a run's first checkpoint (`$7`..`$14`: id, step, source, body,
+/// [`TAKE_SQL`] that also stores a run's first checkpoint (`$8`..`$15`: id, step, source, body,
 /// metadata, and its values' channels, bases and bytes) if the thread row was just
 /// inserted (epoch 1: a new `tid`, so no checkpoint of it can exist): a new thread's lease and
 /// admission in one round trip and one WAL flush. Nothing is stored for a thread that already
@@ -551,9 +583,9 @@ fresh AS (
 ),
 saved AS (
     INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
-    SELECT tid, '', $7, NULL, $8, $9, $10, $11::jsonb, $12, $13, $14 FROM fresh
+    SELECT tid, '', $8, NULL, $9, $10, $11, $12::jsonb, $13, $14, $15 FROM fresh
 )
-SELECT lock.locked, bumped.tid, bumped.epoch FROM lock LEFT JOIN bumped ON true"
+SELECT lock.locked, bumped.tid, bumped.epoch FROM lock CROSS JOIN unlocked LEFT JOIN bumped ON true"
 );
 
 /// What [`PostgresCheckpointer::take`] got: the statement's answer, the highest checkpoint id,
@@ -646,6 +678,7 @@ impl PostgresCheckpointer {
             options: PgConnectOptions::clone(&pool.connect_options()),
             conn: tokio::sync::Mutex::new((0, None)),
             held: Mutex::default(),
+            unlocks: Mutex::default(),
         });
         let direct = PostgresCheckpointer {
             pool,
@@ -818,7 +851,9 @@ impl PostgresCheckpointer {
     async fn leased_commit(&self, lease: &Lease, commit: &StepCommit) -> Option<Result<()>> {
         let held = lease.guard::<HeldLock>()?;
         let tid = lease.handle?;
-        if !Arc::ptr_eq(&held.session, &self.leases) {
+        // Only for a lone runner: the session also takes and releases every lease, which would
+        // wait for this commit's WAL flush while other runners come and go.
+        if !Arc::ptr_eq(&held.session, &self.leases) || self.leases.held().len() > 1 {
             return None;
         }
         let (channels, bases, data) = inline_blobs(commit)?;
@@ -953,7 +988,8 @@ impl PostgresCheckpointer {
                 .bind(&request.graph.hash)
                 .bind(request.owner)
                 .bind(request.allow_graph_change)
-                .bind(key);
+                .bind(key)
+                .bind(self.leases.take_unlocks(generation));
             if let (Some(commit), Some((body, metadata, blobs))) = (admission, &encoded) {
                 let ckpt = &commit.checkpoint;
                 query = query
