@@ -30,8 +30,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Begun, ChannelRows, CheckpointMeta, CheckpointRow, Checkpointer, GraphIdentity, Lease, LeaseRequest, ListFilter,
-    MetaRow, PendingWrite, PutOutcome, StepCommit, StepRef, StoredCheckpoint, ThreadInfo, ThreadRow, WriteRow,
-    blob_heads, blobs_to_keep, is_first, materialize_rows, stale_task, store_error,
+    MetaRow, NewCheckpoint, PendingWrite, PutOutcome, StepCommit, StepRef, StoredCheckpoint, ThreadInfo, ThreadRow,
+    WriteRow, blob_heads, blobs_to_keep, is_first, materialize_rows, stale_task, store_error,
 };
 use crate::error::{Error, Result, until_words};
 
@@ -451,7 +451,8 @@ SELECT n FROM won
 
 /// [`COMMIT_SQL`] for one commit (the lease's session gone, or a lease built by hand) whose
 /// blobs are all versions of its own checkpoint: scalars instead of arrays, and the blobs in the
-/// checkpoint row. The same fence, head check and fold; the count is 1 if it went through.
+/// checkpoint row (`$5`..`$13`, as [`bind_row`] binds them). The same fence, head check (`$14`)
+/// and fold; the count is 1 if it went through.
 const SOLO_COMMIT_SQL: &str = r"
 WITH fenced AS (
     SELECT t.tid FROM agentic.threads t
@@ -460,11 +461,11 @@ WITH fenced AS (
 ),
 won AS (
     SELECT f.tid FROM fenced f
-    WHERE (SELECT max(k.id) FROM agentic.checkpoints k WHERE k.tid = f.tid AND k.ns = $3) IS NOT DISTINCT FROM $7
+    WHERE (SELECT max(k.id) FROM agentic.checkpoints k WHERE k.tid = f.tid AND k.ns = $3) IS NOT DISTINCT FROM $14
 ),
 saved AS (
     INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
-    SELECT w.tid, $3, $5, $6, $8, $9, $10, $11::jsonb, $12, $13, $14 FROM won w
+    SELECT w.tid, $3, $5, $6, $7, $8, $9, $10::jsonb, $11, $12, $13 FROM won w
     ON CONFLICT (tid, ns, id) DO UPDATE
     SET parent = excluded.parent, step = excluded.step, source = excluded.source, body = excluded.body,
         metadata = excluded.metadata, created_at = excluded.created_at,
@@ -530,6 +531,27 @@ fn inline_blobs(commit: &StepCommit) -> Option<InlineBlobs<'_>> {
 
 /// The arrays [`inline_blobs`] binds.
 type InlineBlobs<'a> = (Option<Vec<&'a str>>, Option<Vec<Option<i64>>>, Option<Vec<&'a [u8]>>);
+
+/// Binds a checkpoint row with its blobs in the order the one-commit statements take them: id,
+/// parent, step, source, body, metadata, channels, bases, data.
+fn bind_row<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ckpt: &NewCheckpoint,
+    body: Vec<u8>,
+    metadata: String,
+    (channels, bases, data): InlineBlobs<'q>,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(ckpt.id as i64)
+        .bind(ckpt.parent.map(|p| p as i64))
+        .bind(ckpt.step as i64)
+        .bind(ckpt.source.as_str())
+        .bind(body)
+        .bind(metadata)
+        .bind(channels)
+        .bind(bases)
+        .bind(data)
+}
 
 /// The lock and the thread upsert of [`TAKE_SQL`] and [`TAKE_ADMIT_SQL`].
 macro_rules! take_ctes {
@@ -812,29 +834,22 @@ impl PostgresCheckpointer {
         &self,
         lease: &Lease,
         commit: &StepCommit,
-        (channels, bases, data): InlineBlobs<'_>,
+        blobs: InlineBlobs<'_>,
     ) -> Result<Vec<Option<Result<()>>>> {
         let ckpt = &commit.checkpoint;
         let body = super::codec::encode(&*ckpt.body)?;
         let metadata = serde_json::to_string(&*ckpt.metadata)?;
         let mut conn = self.commit_conns.take(&self.pool).await?;
-        let won: i64 = sqlx::query_scalar(SOLO_COMMIT_SQL)
+        let query = sqlx::query(SOLO_COMMIT_SQL)
             .bind(&commit.thread)
             .bind(lease.handle)
             .bind(&commit.ns)
-            .bind(lease.epoch as i64)
-            .bind(ckpt.id as i64)
-            .bind(ckpt.parent.map(|p| p as i64))
+            .bind(lease.epoch as i64);
+        let won: i64 = bind_row(query, ckpt, body, metadata, blobs)
             .bind(ckpt.expected_head.map(|h| h as i64))
-            .bind(ckpt.step as i64)
-            .bind(ckpt.source.as_str())
-            .bind(body)
-            .bind(metadata)
-            .bind(channels)
-            .bind(bases)
-            .bind(data)
             .fetch_one(&mut conn)
             .await
+            .and_then(|row| sqlx::Row::try_get(&row, 0))
             .map_err(pg_error("commit"))?;
         self.commit_conns.give_back(conn);
         let mut outcomes = vec![(won == 1).then_some(Ok(()))];
@@ -856,7 +871,7 @@ impl PostgresCheckpointer {
         if !Arc::ptr_eq(&held.session, &self.leases) || self.leases.held().len() > 1 {
             return None;
         }
-        let (channels, bases, data) = inline_blobs(commit)?;
+        let blobs = inline_blobs(commit)?;
         let ckpt = &commit.checkpoint;
         let encoded =
             super::codec::encode(&*ckpt.body).and_then(|body| Ok((body, serde_json::to_string(&*ckpt.metadata)?)));
@@ -870,18 +885,8 @@ impl PostgresCheckpointer {
             return None;
         }
         let conn = guard.1.as_mut()?;
-        let query = sqlx::query(if known { LEASED_APPEND_SQL } else { LEASED_COMMIT_SQL })
-            .bind(tid)
-            .bind(&commit.ns)
-            .bind(ckpt.id as i64)
-            .bind(ckpt.parent.map(|p| p as i64))
-            .bind(ckpt.step as i64)
-            .bind(ckpt.source.as_str())
-            .bind(body)
-            .bind(metadata)
-            .bind(channels)
-            .bind(bases)
-            .bind(data);
+        let query = sqlx::query(if known { LEASED_APPEND_SQL } else { LEASED_COMMIT_SQL }).bind(tid).bind(&commit.ns);
+        let query = bind_row(query, ckpt, body, metadata, blobs);
         let won = if known {
             query.execute(conn).await.map(|done| done.rows_affected() == 1)
         } else {
