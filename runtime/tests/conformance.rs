@@ -943,7 +943,7 @@ mod postgres_only {
 
     #[sqlx::test(migrations = false)]
     async fn a_batch_commits_many_threads_in_one_go_and_reports_each_refusal(pool: PgPool) {
-        let store = store(pool).await;
+        let store = store(pool.clone()).await;
         let a = lease(&store, "a", "runner").await;
         let b = lease(&store, "b", "runner").await;
         let c_old = lease(&store, "c", "runner").await;
@@ -957,7 +957,8 @@ mod postgres_only {
         let c1 = Commit::new("c", c_stale.next_checkpoint_id()).set("x", &json!("c1")).build();
         let a2 = Commit::new("a", a.next_checkpoint_id()).after(1).append("log", None, &json!(["a2"])).build();
         let b_behind = Commit::new("b", b.next_checkpoint_id()).after(7).set("x", &json!("b?")).build();
-        let a_sub = Commit::new("a", a.next_checkpoint_id()).ns("sub").set("y", &json!("a-sub")).build();
+        let a_sub =
+            Commit::new("a", a.next_checkpoint_id()).ns("sub").set("y", &json!("a-sub")).set("z", &json!(7)).build();
 
         let results = store
             .commit_batch(&[(&a, &a1), (&b, &b1), (&c_stale, &c1), (&a, &a2), (&b, &b_behind), (&a, &a_sub)])
@@ -970,9 +971,26 @@ mod postgres_only {
         let a_head = store.load("a", "", None).await.unwrap().unwrap();
         assert_eq!((a_head.id, a_head.parent), (2, Some(1)));
         assert_eq!(a_head.values, values(&[("log", json!(["a2"]))]));
-        assert_eq!(store.load("a", "sub", None).await.unwrap().unwrap().values, values(&[("y", json!("a-sub"))]));
+        assert_eq!(
+            store.load("a", "sub", None).await.unwrap().unwrap().values,
+            values(&[("y", json!("a-sub")), ("z", json!(7))])
+        );
         assert_eq!(store.load("b", "", None).await.unwrap().unwrap().values, values(&[("x", json!("b1"))]));
         assert_eq!(store.head("c", "").await.unwrap(), None);
+        // Each commit's values went into its own row, sliced out of the batch's flat arrays.
+        let rows: Vec<(String, i64, Vec<String>)> = sqlx::query_as(
+            "SELECT t.thread_id, c.id, c.channels FROM agentic.checkpoints c JOIN agentic.threads t USING (tid)
+             ORDER BY 1, 2",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let rows: Vec<(&str, i64, Vec<&str>)> =
+            rows.iter().map(|(t, id, c)| (t.as_str(), *id, c.iter().map(String::as_str).collect())).collect();
+        assert_eq!(rows, [("a", 1, vec!["x"]), ("a", 2, vec!["log"]), ("a", 3, vec!["y", "z"]), ("b", 1, vec!["x"])]);
+        let values_rows: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM agentic.channel_values").fetch_one(&pool).await.unwrap();
+        assert_eq!(values_rows, 0);
     }
 
     #[sqlx::test(migrations = false)]

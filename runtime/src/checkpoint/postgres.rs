@@ -331,6 +331,14 @@ struct Batch {
     source: Vec<&'static str>,
     body: Vec<Vec<u8>>,
     metadata: Vec<String>,
+    /// Each commit's own blobs (versions of its checkpoint) are `own_*[lo..=hi]` (1-based;
+    /// `hi < lo`: none), stored in its row.
+    own_lo: Vec<i32>,
+    own_hi: Vec<i32>,
+    own_channel: Vec<String>,
+    own_base: Vec<Option<i64>>,
+    own_data: Vec<Vec<u8>>,
+    /// Other blobs, each with its commit's position, stored in `channel_values`.
     blob_n: Vec<i64>,
     blob_channel: Vec<String>,
     blob_version: Vec<i64>,
@@ -353,11 +361,16 @@ impl Batch {
             source: Vec::with_capacity(commits.len()),
             body: Vec::with_capacity(commits.len()),
             metadata: Vec::with_capacity(commits.len()),
-            blob_n: Vec::with_capacity(blobs),
-            blob_channel: Vec::with_capacity(blobs),
-            blob_version: Vec::with_capacity(blobs),
-            blob_base: Vec::with_capacity(blobs),
-            blob_data: Vec::with_capacity(blobs),
+            own_lo: Vec::with_capacity(commits.len()),
+            own_hi: Vec::with_capacity(commits.len()),
+            own_channel: Vec::with_capacity(blobs),
+            own_base: Vec::with_capacity(blobs),
+            own_data: Vec::with_capacity(blobs),
+            blob_n: Vec::new(),
+            blob_channel: Vec::new(),
+            blob_version: Vec::new(),
+            blob_base: Vec::new(),
+            blob_data: Vec::new(),
         };
         for (n, (lease, commit)) in commits.iter().enumerate() {
             let ckpt = &commit.checkpoint;
@@ -372,7 +385,14 @@ impl Batch {
             batch.source.push(ckpt.source.as_str());
             batch.body.push(super::codec::encode(&*ckpt.body)?);
             batch.metadata.push(serde_json::to_string(&*ckpt.metadata)?);
-            for blob in &commit.blobs {
+            batch.own_lo.push(batch.own_channel.len() as i32 + 1);
+            for blob in commit.blobs.iter().filter(|b| b.version == ckpt.id) {
+                batch.own_channel.push(blob.channel.clone());
+                batch.own_base.push(blob.base.map(|b| b as i64));
+                batch.own_data.push(blob.data.clone());
+            }
+            batch.own_hi.push(batch.own_channel.len() as i32);
+            for blob in commit.blobs.iter().filter(|b| b.version != ckpt.id) {
                 batch.blob_n.push(n as i64 + 1);
                 batch.blob_channel.push(blob.channel.clone());
                 batch.blob_version.push(blob.version as i64);
@@ -398,8 +418,10 @@ impl Batch {
 ///   for a namespace's first). Only the lease's holder commits to a thread, one commit at a time,
 ///   so nothing moves the head between this check and the insert.
 /// - Checkpoints and blobs are inserted only for the commits that won (replacing rows of the
-///   same key, as the memory backend does); the blobs go to `channel_values` (a batch carries
-///   a list per commit, which arrays of arrays cannot hold).
+///   same key, as the memory backend does). A commit's own blobs (versions of its checkpoint)
+///   go in its row: a slice `lo..hi` of flat arrays (arrays of arrays must be rectangular).
+///   Others (a durability "exit" flush also writes versions of the steps it held back) go to
+///   `channel_values`.
 /// - `folded` deletes the pending writes of the parent and older checkpoints of the namespace,
 ///   now folded into the new checkpoint. The older ones are writes that raced the previous
 ///   commit: a `put_writes` that checked the head before that commit landed, and stored after it.
@@ -407,8 +429,8 @@ const COMMIT_SQL: &str = r"
 WITH input AS (
     SELECT *
     FROM unnest($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[], $7::int8[], $8::int8[],
-                $9::text[], $10::bytea[], $11::text[])
-        WITH ORDINALITY AS c(thread_id, handle, ns, epoch, id, parent, expected, step, source, body, metadata, n)
+                $9::text[], $10::bytea[], $11::text[], $17::int4[], $18::int4[])
+        WITH ORDINALITY AS c(thread_id, handle, ns, epoch, id, parent, expected, step, source, body, metadata, lo, hi, n)
 ),
 fenced AS (
     SELECT c.*, t.tid
@@ -425,13 +447,16 @@ won AS (
     WHERE (SELECT max(k.id) FROM agentic.checkpoints k WHERE k.tid = f.tid AND k.ns = f.ns) IS NOT DISTINCT FROM f.expected
 ),
 saved AS (
-    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata)
-    SELECT w.tid, w.ns, w.id, w.parent, w.step, w.source, w.body, w.metadata::jsonb
+    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
+    SELECT w.tid, w.ns, w.id, w.parent, w.step, w.source, w.body, w.metadata::jsonb,
+           CASE WHEN w.hi >= w.lo THEN ($19::text[])[w.lo:w.hi] END,
+           CASE WHEN w.hi >= w.lo THEN ($20::int8[])[w.lo:w.hi] END,
+           CASE WHEN w.hi >= w.lo THEN ($21::bytea[])[w.lo:w.hi] END
     FROM won w
     ON CONFLICT (tid, ns, id) DO UPDATE
     SET parent = excluded.parent, step = excluded.step, source = excluded.source, body = excluded.body,
         metadata = excluded.metadata, created_at = excluded.created_at,
-        channels = NULL, bases = NULL, data = NULL
+        channels = excluded.channels, bases = excluded.bases, data = excluded.data
 ),
 blobs AS (
     INSERT INTO agentic.channel_values (tid, ns, channel, version, base, data)
@@ -814,6 +839,11 @@ impl PostgresCheckpointer {
             .bind(&b.blob_version)
             .bind(&b.blob_base)
             .bind(&b.blob_data)
+            .bind(&b.own_lo)
+            .bind(&b.own_hi)
+            .bind(&b.own_channel)
+            .bind(&b.own_base)
+            .bind(&b.own_data)
             .fetch_all(&mut conn)
             .await
             .map_err(pg_error("commit"))?;
