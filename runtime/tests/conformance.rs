@@ -621,6 +621,16 @@ mod postgres_only {
         .unwrap()
     }
 
+    /// Ends the session holding this database's advisory locks (the leases with it); returns
+    /// its pid.
+    async fn end_lease_session(pool: &PgPool) -> i32 {
+        let holder = lock_holder(pool).await;
+        let ended: bool =
+            sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)").bind(holder).fetch_one(pool).await.unwrap();
+        assert!(ended, "the lease's session ended");
+        holder
+    }
+
     #[sqlx::test(migrations = false)]
     async fn a_lease_dies_with_its_database_session(pool: PgPool) {
         let store = store(pool.clone()).await;
@@ -628,10 +638,7 @@ mod postgres_only {
         let mut chain = Chain::new("t", "");
         chain.set(&store, &first, "x", &json!(1)).await;
 
-        let holder = lock_holder(&pool).await;
-        let ended: bool =
-            sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)").bind(holder).fetch_one(&pool).await.unwrap();
-        assert!(ended, "the lease's session ended");
+        let holder = end_lease_session(&pool).await;
 
         let started = Instant::now();
         let second = lease(&store, "t", "runner-b").await;
@@ -652,10 +659,7 @@ mod postgres_only {
         let lease = lease(&store, "t", "runner-a").await;
         let mut chain = Chain::new("t", "");
         chain.set(&store, &lease, "x", &json!(1)).await;
-        let holder = lock_holder(&pool).await;
-        let ended: bool =
-            sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)").bind(holder).fetch_one(&pool).await.unwrap();
-        assert!(ended);
+        end_lease_session(&pool).await;
 
         // The statement on the dead session fails; nobody took the thread, so the epoch still
         // admits the commit on a commit connection.
@@ -813,10 +817,7 @@ mod postgres_only {
         chain.set(&store, &first, "x", &json!(1)).await;
         // The first runner's lease session ends (its lock with it), unnoticed; a takeover is in
         // flight: the epoch bumped, not yet committed.
-        let holder = lock_holder(&pool).await;
-        let ended: bool =
-            sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)").bind(holder).fetch_one(&pool).await.unwrap();
-        assert!(ended);
+        end_lease_session(&pool).await;
         let mut takeover = pool.begin().await.unwrap();
         sqlx::query("UPDATE agentic.threads SET epoch = epoch + 1 WHERE thread_id = 't'")
             .execute(&mut *takeover)

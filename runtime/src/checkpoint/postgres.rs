@@ -383,8 +383,9 @@ impl Batch {
             batch.expected.push(ckpt.expected_head.map(|h| h as i64));
             batch.step.push(ckpt.step as i64);
             batch.source.push(ckpt.source.as_str());
-            batch.body.push(super::codec::encode(&*ckpt.body)?);
-            batch.metadata.push(serde_json::to_string(&*ckpt.metadata)?);
+            let (body, metadata) = encode_row(ckpt)?;
+            batch.body.push(body);
+            batch.metadata.push(metadata);
             batch.own_lo.push(batch.own_channel.len() as i32 + 1);
             for blob in commit.blobs.iter().filter(|b| b.version == ckpt.id) {
                 batch.own_channel.push(blob.channel.clone());
@@ -552,6 +553,12 @@ fn inline_blobs(commit: &StepCommit) -> Option<InlineBlobs<'_>> {
         Some(commit.blobs.iter().map(|b| b.base.map(|v| v as i64)).collect()),
         Some(commit.blobs.iter().map(|b| b.data.as_slice()).collect()),
     ))
+}
+
+/// A checkpoint's body and metadata as stored: MessagePack bytes, and JSON text for the `jsonb`
+/// column.
+fn encode_row(ckpt: &NewCheckpoint) -> Result<(Vec<u8>, String)> {
+    Ok((super::codec::encode(&*ckpt.body)?, serde_json::to_string(&*ckpt.metadata)?))
 }
 
 /// The arrays [`inline_blobs`] binds.
@@ -867,8 +874,7 @@ impl PostgresCheckpointer {
         blobs: InlineBlobs<'_>,
     ) -> Result<Vec<Option<Result<()>>>> {
         let ckpt = &commit.checkpoint;
-        let body = super::codec::encode(&*ckpt.body)?;
-        let metadata = serde_json::to_string(&*ckpt.metadata)?;
+        let (body, metadata) = encode_row(ckpt)?;
         let mut conn = self.commit_conns.take(&self.pool).await?;
         let query = sqlx::query(SOLO_COMMIT_SQL)
             .bind(&commit.thread)
@@ -903,9 +909,7 @@ impl PostgresCheckpointer {
         }
         let blobs = inline_blobs(commit)?;
         let ckpt = &commit.checkpoint;
-        let encoded =
-            super::codec::encode(&*ckpt.body).and_then(|body| Ok((body, serde_json::to_string(&*ckpt.metadata)?)));
-        let (body, metadata) = match encoded {
+        let (body, metadata) = match encode_row(ckpt) {
             Ok(encoded) => encoded,
             Err(err) => return Some(Err(err)),
         };
@@ -989,8 +993,7 @@ impl PostgresCheckpointer {
         let fail = pg_error("acquire");
         let encoded = match admission {
             Some(commit) => Some((
-                super::codec::encode(&*commit.checkpoint.body)?,
-                serde_json::to_string(&*commit.checkpoint.metadata)?,
+                encode_row(&commit.checkpoint)?,
                 inline_blobs(commit)
                     .ok_or_else(|| Error::InvalidState("an admission writes versions of its own".into()))?,
             )),
@@ -1025,7 +1028,7 @@ impl PostgresCheckpointer {
                 .bind(request.allow_graph_change)
                 .bind(key)
                 .bind(self.leases.take_unlocks(generation));
-            if let (Some(commit), Some((body, metadata, blobs))) = (admission, &encoded) {
+            if let (Some(commit), Some(((body, metadata), blobs))) = (admission, &encoded) {
                 let ckpt = &commit.checkpoint;
                 query = query
                     .bind(ckpt.id as i64)
