@@ -118,7 +118,7 @@ impl Writer {
                 step: self.step,
                 source: Source::Loop,
                 body: std::sync::Arc::new(CheckpointBody { versions, ..CheckpointBody::default() }),
-                metadata: std::sync::Arc::new(json!({"source": "loop", "step": self.step})),
+                metadata: std::sync::Arc::new(json!({"source": "loop", "step": self.step}).into()),
             },
             blobs: vec![ChannelBlob { channel: "state".to_owned(), version: id, base: None, data: data.to_vec() }],
         }

@@ -2,6 +2,7 @@
 //! is checked and routed, and how a step's writes apply, in task-path order, so the result
 //! never depends on which task finished first.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -59,13 +60,13 @@ pub(crate) fn task_id(ns: &str, checkpoint: u64, path: &TaskPath) -> String {
 
 /// The tasks a checkpoint schedules, in path order.
 pub(crate) fn tasks_for(ns: &str, checkpoint: u64, body: &CheckpointBody) -> Vec<Task> {
-    let mut pulls = BTreeSet::new();
-    let mut tasks = Vec::with_capacity(body.next.len());
+    let mut tasks: Vec<Task> = Vec::with_capacity(body.next.len());
     let mut pushes = 0usize;
     for pending in &body.next {
         let (path, node, arg) = match pending {
             PendingTask::Pull { node } => {
-                if !pulls.insert(node.clone()) {
+                // A node pulled twice runs once. A step pulls a few nodes: a scan, not a set.
+                if tasks.iter().any(|t| matches!(&t.path, TaskPath::Pull(n) if n == node)) {
                     continue;
                 }
                 (TaskPath::Pull(node.clone()), node.clone(), None)
@@ -233,17 +234,25 @@ pub(crate) struct Applied {
 
 /// Applies a step's task outputs (sorted by task path) to the channel values, producing the
 /// body and blobs of checkpoint `new_id`. `close_segments` is false when the blobs are held back
-/// to be written later as one delta (durability exit; see [`close_segment`]).
+/// to be written later as one delta (durability exit; see [`close_segment`]). A `prev` body
+/// given owned lends its version map to the new body: no copy of its keys.
 pub(crate) fn apply_step(
     graph: &GraphInner,
-    prev: &CheckpointBody,
+    prev: Cow<'_, CheckpointBody>,
     values: &mut Values,
     outputs: Vec<(&str, TaskOutput)>,
     new_id: u64,
     close_segments: bool,
 ) -> Result<Applied> {
-    let mut body =
-        CheckpointBody { versions: prev.versions.clone(), barriers: prev.barriers.clone(), ..Default::default() };
+    let (mut body, prev_fresh) = match prev {
+        Cow::Owned(prev) => {
+            (CheckpointBody { versions: prev.versions, barriers: prev.barriers, ..Default::default() }, prev.fresh)
+        }
+        Cow::Borrowed(prev) => (
+            CheckpointBody { versions: prev.versions.clone(), barriers: prev.barriers.clone(), ..Default::default() },
+            prev.fresh.clone(),
+        ),
+    };
     // The written values move into the channels: no copy of a large value.
     let (writes, routes): (Vec<_>, Vec<_>) = outputs.into_iter().map(|(node, o)| (o.writes, (node, o.goto))).unzip();
     let grouped = group(writes.into_iter().flatten());
@@ -257,9 +266,11 @@ pub(crate) fn apply_step(
             None => (name.clone(), None),
         };
         let reduced = spec.reduce(channel, current, writes)?;
-        // A delta extends a stored row, never an inline value, nor a delta stored before
-        // segments existed (its chain's length is unknown: the whole value starts a new one).
-        let previous = prev.versions.get(channel).filter(|v| v.i.is_none() && (!v.d || v.segment.is_some()));
+        // The version this step replaces (each channel is written once here, so the slot still
+        // holds the previous body's). A delta extends a stored row, never an inline value, nor a
+        // delta stored before segments existed (its chain's length is unknown: the whole value
+        // starts a new one).
+        let previous = body.versions.get(channel).filter(|v| v.i.is_none() && (!v.d || v.segment.is_some()));
         let (value, blob, version) = match (reduced, previous) {
             (Reduced::Appended { value, items }, Some(previous)) => {
                 let (blob, version) = append_row(channel, new_id, previous, &value, &items, close_segments)?;
@@ -289,7 +300,7 @@ pub(crate) fn apply_step(
         }
         blobs.extend(blob);
     }
-    for channel in &prev.fresh {
+    for channel in &prev_fresh {
         if !body.fresh.contains(channel) {
             values.remove(channel);
             body.versions.remove(channel);
@@ -413,7 +424,7 @@ mod tests {
         let b = TaskOutput { writes: vec![("items".into(), json!("from-b"))], goto: vec![] };
         let apply = |outputs: Vec<(&str, TaskOutput)>| {
             let mut values = Values::new();
-            apply_step(g, &CheckpointBody::default(), &mut values, outputs, 7, true).unwrap();
+            apply_step(g, Cow::Owned(CheckpointBody::default()), &mut values, outputs, 7, true).unwrap();
             Value::clone(&values["items"])
         };
         // The loop sorts by task path before applying; the same sorted input gives the same result.
@@ -426,12 +437,46 @@ mod tests {
         let g = &graph.inner;
         let out = TaskOutput { writes: vec![], goto: vec![] };
         let mut values = Values::new();
-        let first = apply_step(g, &CheckpointBody::default(), &mut values, vec![("a", out.clone())], 2, true).unwrap();
+        let first =
+            apply_step(g, Cow::Owned(CheckpointBody::default()), &mut values, vec![("a", out.clone())], 2, true)
+                .unwrap();
         assert!(first.body.next.is_empty());
         assert_eq!(first.body.barriers["c"], vec!["a".to_owned()]);
-        let second = apply_step(g, &first.body, &mut values, vec![("b", out.clone())], 3, true).unwrap();
+        let second = apply_step(g, Cow::Borrowed(&first.body), &mut values, vec![("b", out.clone())], 3, true).unwrap();
         assert_eq!(second.body.next, vec![PendingTask::Pull { node: "c".into() }]);
         assert!(second.body.barriers.is_empty());
+    }
+
+    #[test]
+    fn a_previous_body_lent_or_shared_makes_the_same_step() {
+        let graph = fan_graph();
+        let g = &graph.inner;
+        let steps: Vec<Vec<(&str, TaskOutput)>> = vec![
+            vec![(
+                "a",
+                TaskOutput {
+                    writes: vec![("items".into(), json!("x".repeat(INLINE_MAX))), ("flag".into(), json!(true))],
+                    goto: vec![],
+                },
+            )],
+            vec![(
+                "b",
+                TaskOutput { writes: vec![("items".into(), json!("y")), ("n".into(), json!(2))], goto: vec![] },
+            )],
+            vec![("c", TaskOutput { writes: vec![("items".into(), json!("z"))], goto: vec![] })],
+        ];
+        let (mut lent_values, mut shared_values) = (Values::new(), Values::new());
+        let (mut lent, mut shared) = (CheckpointBody::default(), CheckpointBody::default());
+        for (id, outputs) in (1..).zip(steps) {
+            let a = apply_step(g, Cow::Owned(lent), &mut lent_values, outputs.clone(), id, true).unwrap();
+            let b = apply_step(g, Cow::Borrowed(&shared), &mut shared_values, outputs, id, true).unwrap();
+            assert_eq!(a.body, b.body, "step {id}");
+            assert_eq!(a.blobs, b.blobs, "step {id}");
+            assert_eq!(lent_values, shared_values, "step {id}");
+            (lent, shared) = (a.body, b.body);
+        }
+        assert!(lent.versions["items"].d, "the last step stored a delta");
+        assert!(!lent.versions.contains_key("flag"), "the ephemeral channel is gone");
     }
 
     #[test]
@@ -441,9 +486,11 @@ mod tests {
         let mut values = Values::new();
         let big = "a".repeat(INLINE_MAX);
         let first =
-            apply_step(g, &CheckpointBody::default(), &mut values, vec![("x", w(json!(big)))], 1, true).unwrap();
+            apply_step(g, Cow::Owned(CheckpointBody::default()), &mut values, vec![("x", w(json!(big)))], 1, true)
+                .unwrap();
         assert_eq!(first.blobs[0].base, None);
-        let second = apply_step(g, &first.body, &mut values, vec![("x", w(json!("b")))], 2, true).unwrap();
+        let second =
+            apply_step(g, Cow::Borrowed(&first.body), &mut values, vec![("x", w(json!("b")))], 2, true).unwrap();
         assert_eq!(second.blobs[0].base, Some(1));
         assert_eq!(codec::decode::<Value>(&second.blobs[0].data).unwrap(), json!(["b"]));
         assert!(second.body.versions["items"].d);
@@ -461,7 +508,7 @@ mod tests {
         let steps = 1 + 5 * u64::from(SEGMENT_ROWS) + 7;
         for id in 1..=steps {
             let item = json!(format!("item {id} {}", "x".repeat(INLINE_MAX)));
-            let applied = apply_step(g, &body, &mut values, vec![("x", w(item))], id, true).unwrap();
+            let applied = apply_step(g, Cow::Borrowed(&body), &mut values, vec![("x", w(item))], id, true).unwrap();
             for blob in applied.blobs {
                 rows.insert(blob.version, (blob.base, blob.data));
             }
@@ -494,7 +541,7 @@ mod tests {
         let legacy = ChannelVersion { segment: None, rows: 0, items: 0, ..ChannelVersion::delta(2, 1, 1, 1) };
         let body = CheckpointBody { versions: [("items".to_owned(), legacy)].into(), ..Default::default() };
         let w = TaskOutput { writes: vec![("items".into(), json!("c"))], goto: vec![] };
-        let applied = apply_step(g, &body, &mut values, vec![("x", w)], 3, true).unwrap();
+        let applied = apply_step(g, Cow::Borrowed(&body), &mut values, vec![("x", w)], 3, true).unwrap();
         assert_eq!(applied.blobs[0].base, None);
         assert_eq!(applied.body.versions["items"], ChannelVersion::whole(3));
         assert_eq!(codec::decode::<Value>(&applied.blobs[0].data).unwrap(), json!(["a".repeat(INLINE_MAX), "b", "c"]));
@@ -517,14 +564,17 @@ mod tests {
         let g = &graph.inner;
         let mut values = Values::new();
         let first =
-            apply_step(g, &CheckpointBody::default(), &mut values, vec![("x", w(json!("a")))], 1, true).unwrap();
+            apply_step(g, Cow::Owned(CheckpointBody::default()), &mut values, vec![("x", w(json!("a")))], 1, true)
+                .unwrap();
         assert!(first.blobs.is_empty());
         assert_eq!(first.body.versions["items"].i, Some(json!(["a"])));
         // Appending to an inline value stores the whole list: inline while small, then a row.
-        let second = apply_step(g, &first.body, &mut values, vec![("x", w(json!("b")))], 2, true).unwrap();
+        let second =
+            apply_step(g, Cow::Borrowed(&first.body), &mut values, vec![("x", w(json!("b")))], 2, true).unwrap();
         assert_eq!(second.body.versions["items"].i, Some(json!(["a", "b"])));
         let big = "c".repeat(INLINE_MAX);
-        let third = apply_step(g, &second.body, &mut values, vec![("x", w(json!(big)))], 3, true).unwrap();
+        let third =
+            apply_step(g, Cow::Borrowed(&second.body), &mut values, vec![("x", w(json!(big)))], 3, true).unwrap();
         assert_eq!(third.blobs[0].base, None);
         assert_eq!(third.body.versions["items"], ChannelVersion::whole(3));
         assert_eq!(codec::decode::<Value>(&third.blobs[0].data).unwrap(), json!(["a", "b", big]));
@@ -537,9 +587,10 @@ mod tests {
         let mut values = Values::new();
         let set = TaskOutput { writes: vec![("flag".into(), json!(true))], goto: vec![] };
         let none = TaskOutput { writes: vec![], goto: vec![] };
-        let first = apply_step(g, &CheckpointBody::default(), &mut values, vec![("x", set)], 1, true).unwrap();
+        let first =
+            apply_step(g, Cow::Owned(CheckpointBody::default()), &mut values, vec![("x", set)], 1, true).unwrap();
         assert_eq!(*values["flag"], json!(true));
-        let second = apply_step(g, &first.body, &mut values, vec![("x", none)], 2, true).unwrap();
+        let second = apply_step(g, Cow::Borrowed(&first.body), &mut values, vec![("x", none)], 2, true).unwrap();
         assert!(!values.contains_key("flag"));
         assert!(!second.body.versions.contains_key("flag"));
     }

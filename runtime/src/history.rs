@@ -105,7 +105,8 @@ impl Graph {
         drop(snapshot);
         let id = lease.next_checkpoint_id();
         let writer = as_node.unwrap_or("update");
-        let mut applied = algo::apply_step(g, &prev_body, &mut values, vec![(writer, output)], id, true)?;
+        let mut applied =
+            algo::apply_step(g, std::borrow::Cow::Borrowed(&prev_body), &mut values, vec![(writer, output)], id, true)?;
         if as_node.is_none() {
             applied.body.next = prev_body.next.clone();
         }
@@ -116,7 +117,7 @@ impl Graph {
             step,
             source: Source::Update,
             body: std::sync::Arc::new(applied.body),
-            metadata: std::sync::Arc::new(json!({"as_node": as_node, "owner": lease.owner})),
+            metadata: std::sync::Arc::new(json!({"as_node": as_node, "owner": lease.owner}).into()),
         };
         let commit = StepCommit { thread: thread.to_owned(), ns: String::new(), checkpoint, blobs: applied.blobs };
         store_call(|| self.store.commit(&lease, &commit)).await?;

@@ -2,6 +2,7 @@
 //! super-steps (tasks concurrently, writes applied in task-path order), persists each task's
 //! writes as it finishes and each step in one commit, and stops at interrupts.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,8 +17,8 @@ use tokio::sync::mpsc;
 use crate::FastMap;
 use crate::algo::{self, Task, TaskOutput};
 use crate::checkpoint::{
-    Begun, ChannelBlob, ChannelVersion, CheckpointBody, Lease, LeaseRequest, NewCheckpoint, PendingWrite,
-    SharedCheckpointer, Source, StepCommit, StepRef, StoredCheckpoint, WriteKind, codec,
+    Begun, ChannelBlob, ChannelVersion, CheckpointBody, Lease, LeaseRequest, Metadata, NewCheckpoint, PendingWrite,
+    SharedCheckpointer, Source, StepCommit, StepMetadata, StepRef, StoredCheckpoint, TaskRef, WriteKind, codec,
 };
 use crate::error::{Error, Result};
 use crate::graph::{Graph, START};
@@ -172,7 +173,8 @@ struct Current {
     id: u64,
     step: u64,
     body: Arc<CheckpointBody>,
-    values: Values,
+    /// Shared with the snapshot the step's nodes read, which is gone by the time the step applies.
+    values: Arc<Values>,
     /// A static `interrupt_after` stopped the run at this checkpoint.
     interrupt_after: bool,
 }
@@ -183,7 +185,7 @@ impl Current {
             id: stored.id,
             step: stored.step,
             body: Arc::new(stored.body),
-            values: stored.values.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+            values: Arc::new(stored.values.into_iter().map(|(k, v)| (k, Arc::new(v))).collect()),
             interrupt_after: stored.metadata.get("interrupt_after").and_then(Value::as_bool).unwrap_or(false),
         }
     }
@@ -417,10 +419,17 @@ fn admission(
 ) -> Result<(NewCheckpoint, Vec<ChannelBlob>, Current)> {
     let (prev_body, mut values, step) = match prev {
         Some(cur) => (cur.body, cur.values, cur.step),
-        None => (Arc::default(), Values::new(), 0),
+        None => (Arc::default(), Arc::default(), 0),
     };
-    let output = algo::input_output(graph, &State::new(values.clone()), update)?;
-    let applied = algo::apply_step(graph, &prev_body, &mut values, vec![(START, output)], id, true)?;
+    let output = algo::input_output(graph, &State::shared(&values), update)?;
+    let applied = algo::apply_step(
+        graph,
+        Cow::Borrowed(&*prev_body),
+        Arc::make_mut(&mut values),
+        vec![(START, output)],
+        id,
+        true,
+    )?;
     let body = Arc::new(applied.body);
     let checkpoint = NewCheckpoint {
         id,
@@ -429,7 +438,7 @@ fn admission(
         step,
         source: Source::Input,
         body: Arc::clone(&body),
-        metadata: Arc::new(metadata),
+        metadata: Arc::new(metadata.into()),
     };
     Ok((checkpoint, applied.blobs, Current { id, step, body, values, interrupt_after: false }))
 }
@@ -504,7 +513,7 @@ impl<'a> Loop<'a> {
             step: old.step,
             source: Source::Fork,
             body: Arc::new(old.body.clone()),
-            metadata: Arc::new(json!({"forked_from": id, "owner": self.lease.owner})),
+            metadata: Arc::new(json!({"forked_from": id, "owner": self.lease.owner}).into()),
         };
         self.commit_now(checkpoint, Vec::new()).await?;
         let mut current = Current::from_stored(old);
@@ -623,7 +632,7 @@ impl<'a> Loop<'a> {
         if self.events.is_some()
             && let Some(cur) = &self.current
         {
-            let state = State::new(cur.values.clone()).to_json();
+            let state = State::shared(&cur.values).to_json();
             self.emit(Event::Values { step: cur.step, state });
         }
     }
@@ -642,7 +651,7 @@ impl<'a> Loop<'a> {
         loop {
             let cur = self.current.as_ref().ok_or_else(|| Error::NotFound(format!("thread `{}`", self.thread)))?;
             if cur.body.next.is_empty() {
-                let state = State::new(cur.values.clone());
+                let state = State::shared(&cur.values);
                 self.flush_exit().await?;
                 return Ok(RunOutcome::Done(state));
             }
@@ -736,22 +745,24 @@ impl<'a> Loop<'a> {
         }
         let new_id = self.lease.next_checkpoint_id();
         let cur = self.current.as_mut().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
-        // Source and step have columns of their own; `interrupt_after` is written only when set.
-        // Built as values, not with `json!`, which would serialise the task list into a copy.
-        let tasks = outputs.iter().map(|(t, _)| task_ref(&t.id, &t.node)).collect();
-        let mut metadata = Value::Object(serde_json::Map::from_iter([
-            ("owner".to_owned(), Value::String(self.lease.owner.clone())),
-            ("tasks".to_owned(), Value::Array(tasks)),
-        ]));
+        // Source and step have columns of their own.
+        let tasks = outputs.iter().map(|(t, _)| TaskRef { id: t.id.clone(), node: t.node.clone() }).collect();
         let stops_after = outputs.iter().any(|(t, _)| g.interrupt_after.contains(&t.node));
         let by_node: Vec<(&str, TaskOutput)> = outputs.into_iter().map(|(t, o)| (t.node.as_str(), o)).collect();
         // Held-back steps (durability exit) are written as one delta; its segment closes at the flush.
         let close_segments = self.config.durability != Durability::Exit;
-        let applied = algo::apply_step(g, &cur.body, &mut cur.values, by_node, new_id, close_segments)?;
+        // The committed step let go of the body (unless a commit in flight or held back still
+        // has it): the new body takes over its version map.
+        let prev = match Arc::try_unwrap(std::mem::take(&mut cur.body)) {
+            Ok(body) => Cow::Owned(body),
+            Err(shared) => {
+                cur.body = shared;
+                Cow::Borrowed(&*cur.body)
+            }
+        };
+        let applied = algo::apply_step(g, prev, Arc::make_mut(&mut cur.values), by_node, new_id, close_segments)?;
         let after = stops_after && !applied.body.next.is_empty();
-        if after {
-            metadata["interrupt_after"] = Value::Bool(true);
-        }
+        let metadata = StepMetadata { owner: self.lease.owner.clone(), tasks, interrupt_after: after };
         let body = Arc::new(applied.body);
         let checkpoint = NewCheckpoint {
             id: new_id,
@@ -760,7 +771,7 @@ impl<'a> Loop<'a> {
             step: step + 1,
             source: Source::Loop,
             body: Arc::clone(&body),
-            metadata: Arc::new(metadata),
+            metadata: Arc::new(Metadata::Step(metadata)),
         };
         cur.id = new_id;
         cur.step = step + 1;
@@ -833,7 +844,7 @@ impl<'a> Loop<'a> {
     async fn run_tasks(&self, tasks: &[Task], pending: &Pending) -> Result<FastMap<String, TaskResult>> {
         let g = &self.graph.inner;
         let cur = self.current.as_ref().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
-        let state = State::new(cur.values.clone());
+        let state = State::shared(&cur.values);
         let persist_each = tasks.len() > 1 && self.config.durability != Durability::Exit;
         let persist = self.persist_mode();
         let scope = TaskScope {
@@ -1128,12 +1139,4 @@ pub(crate) fn result_writes(task: &Task, result: &TaskResult, output: bool) -> R
 
 fn encode<T: Serialize>(task: &Task, kind: WriteKind, key: &str, value: &T) -> Result<PendingWrite> {
     Ok(PendingWrite { task: task.id.clone(), kind, key: key.to_owned(), data: codec::encode(value)? })
-}
-
-/// A task as a checkpoint's metadata names it: `{"id": .., "node": ..}`.
-fn task_ref(id: &str, node: &str) -> Value {
-    Value::Object(serde_json::Map::from_iter([
-        ("id".to_owned(), Value::String(id.to_owned())),
-        ("node".to_owned(), Value::String(node.to_owned())),
-    ]))
 }

@@ -23,6 +23,11 @@ impl State {
         State { values: Arc::new(values) }
     }
 
+    /// A snapshot of values the engine holds: no copy of the map.
+    pub(crate) fn shared(values: &Arc<Values>) -> Self {
+        State { values: Arc::clone(values) }
+    }
+
     pub(crate) fn values(&self) -> &Values {
         &self.values
     }

@@ -285,7 +285,55 @@ pub struct NewCheckpoint {
     /// Channel versions, next tasks, barriers (shared: the loop keeps it as its current state).
     pub body: Arc<CheckpointBody>,
     /// Free-form metadata (JSON object): tasks that ran, the writer, user tags.
-    pub metadata: Arc<Value>,
+    pub metadata: Arc<Metadata>,
+}
+
+/// A new checkpoint's metadata, stored as a JSON object. A loop step's is typed (the writer and
+/// the tasks whose writes it applied): it is written on every step, and a JSON map would cost a
+/// tree of owned keys to build, encode and free each time. It reads back as JSON.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Metadata {
+    /// What a loop step writes.
+    Step(StepMetadata),
+    /// Any other metadata: a JSON object.
+    Json(Value),
+}
+
+/// A loop step's metadata: `{"owner": .., "tasks": [{"id": .., "node": ..}], "interrupt_after": true}`
+/// (the last only when a static interrupt stops the run after this step).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StepMetadata {
+    /// The runner that wrote the step.
+    pub owner: String,
+    /// The tasks whose writes the step applied, in task-path order.
+    pub tasks: Vec<TaskRef>,
+    /// A static `interrupt_after` stops the run at this checkpoint.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub interrupt_after: bool,
+}
+
+/// A task as a step's metadata names it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskRef {
+    /// The task's id.
+    pub id: String,
+    /// Its node.
+    pub node: String,
+}
+
+impl From<Value> for Metadata {
+    fn from(value: Value) -> Self {
+        Metadata::Json(value)
+    }
+}
+
+impl Serialize for Metadata {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Metadata::Step(step) => step.serialize(serializer),
+            Metadata::Json(value) => value.serialize(serializer),
+        }
+    }
 }
 
 /// One super-step's commit: the checkpoint and the channel values it changed.
@@ -844,4 +892,26 @@ pub(crate) fn blobs_to_keep(
         keep.extend(used.into_iter().map(|(channel, v)| (ns.to_owned(), channel, v)));
     }
     keep
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn step_metadata_is_stored_as_the_json_object_it_stands_for() {
+        let task = TaskRef { id: "t1".into(), node: "n0".into() };
+        let step = StepMetadata { owner: "me".into(), tasks: vec![task], interrupt_after: false };
+        let json = serde_json::to_value(Metadata::Step(step.clone())).unwrap();
+        assert_eq!(json, json!({"owner": "me", "tasks": [{"id": "t1", "node": "n0"}]}));
+        let stopped = Metadata::Step(StepMetadata { interrupt_after: true, ..step });
+        assert_eq!(serde_json::to_value(&stopped).unwrap()["interrupt_after"], json!(true));
+        // The memory store keeps MessagePack: it reads back as the same JSON.
+        let back: Value = codec::decode(&codec::encode(&stopped).unwrap()).unwrap();
+        assert_eq!(back, serde_json::to_value(&stopped).unwrap());
+        let other = Metadata::from(json!({"as_node": "n1"}));
+        assert_eq!(serde_json::to_value(other).unwrap(), json!({"as_node": "n1"}));
+    }
 }

@@ -49,7 +49,7 @@ impl Commit {
                 step: 0,
                 source: Source::Input,
                 body: std::sync::Arc::default(),
-                metadata: std::sync::Arc::new(json!({})),
+                metadata: std::sync::Arc::new(json!({}).into()),
             },
             blobs: Vec::new(),
         })
@@ -92,7 +92,7 @@ impl Commit {
 
     /// With this metadata.
     pub fn meta(mut self, metadata: Value) -> Self {
-        self.0.checkpoint.metadata = std::sync::Arc::new(metadata);
+        self.0.checkpoint.metadata = std::sync::Arc::new(metadata.into());
         self
     }
 
