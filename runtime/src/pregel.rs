@@ -856,7 +856,9 @@ impl<'a> Loop<'a> {
             events: self.events.clone(),
             persist: persist.clone(),
         };
-        let mut running = FuturesUnordered::new();
+        // A task alone in its step is awaited right here: no set of futures to build and poll.
+        let mut running = None;
+        let mut results = FastMap::default();
         let mut remote = Vec::new();
         let todo: Vec<&Task> = tasks.iter().filter(|t| !pending.outputs.contains_key(&t.id)).collect();
         let alone = todo.len() == 1;
@@ -874,7 +876,7 @@ impl<'a> Loop<'a> {
             let step = self.step_ref(cur.id);
             let persist = persist.clone();
             let subgraph_resumes = pending.subgraph_resumes(&task.id);
-            running.push(async move {
+            let run = async move {
                 let result = match &spec.subgraph {
                     Some(child) => self.run_subgraph(child, task, state, subgraph_resumes).await,
                     None => runner::run_task(g, spec, task, state, ctx, alone).await,
@@ -891,14 +893,20 @@ impl<'a> Loop<'a> {
                     }
                 }
                 Ok::<_, Error>((task.id.clone(), result))
-            });
+            };
+            if alone {
+                let (id, result) = run.await?;
+                results.insert(id, result);
+            } else {
+                running.get_or_insert_with(FuturesUnordered::new).push(run);
+            }
         }
-        let mut results = FastMap::default();
-        while let Some(done) = running.next().await {
-            let (id, result) = done?;
-            results.insert(id, result);
+        if let Some(mut running) = running {
+            while let Some(done) = running.next().await {
+                let (id, result) = done?;
+                results.insert(id, result);
+            }
         }
-        drop(running);
         if !remote.is_empty() {
             self.wait_remote(&remote, cur.id, &mut results).await?;
         }
