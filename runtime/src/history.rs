@@ -46,7 +46,7 @@ impl Graph {
     /// The thread's state at a given checkpoint.
     pub async fn state_at(&self, thread: &str, checkpoint: Option<u64>) -> Result<Option<StateSnapshot>> {
         let Some(stored) = store_call(|| self.store.load(thread, "", checkpoint)).await? else { return Ok(None) };
-        let step = StepRef { thread, ns: "", checkpoint: stored.id };
+        let step = StepRef { thread, ns: "", checkpoint: stored.id, epoch: None };
         let interrupts = Pending::parse(store_call(|| self.store.pending_writes(step)).await?)?.open_interrupts();
         let next = algo::tasks_for("", stored.id, &stored.body).into_iter().map(|t| t.node).collect();
         Ok(Some(StateSnapshot {

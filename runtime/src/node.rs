@@ -191,6 +191,8 @@ pub(crate) struct ContextInner {
     pub(crate) thread: String,
     pub(crate) ns: String,
     pub(crate) checkpoint: u64,
+    /// The lease epoch of the runner running this task (see [`StepRef::epoch`]).
+    pub(crate) epoch: Option<u64>,
     pub(crate) step: u64,
     pub(crate) task_id: String,
     pub(crate) node: String,
@@ -295,7 +297,12 @@ impl Context {
         if let Persist::After(commit) = &self.inner.persist {
             commit.clone().await.map_err(|e| NodeError::fatal(format!("previous step's commit failed: {e}")))?;
         }
-        let step = StepRef { thread: &self.inner.thread, ns: &self.inner.ns, checkpoint: self.inner.checkpoint };
+        let step = StepRef {
+            thread: &self.inner.thread,
+            ns: &self.inner.ns,
+            checkpoint: self.inner.checkpoint,
+            epoch: self.inner.epoch,
+        };
         crate::retry::store_call(|| self.inner.store.put_writes(step, std::slice::from_ref(&write)))
             .await
             .map_err(|e| NodeError::Failed { source: Box::new(e), retryable: Some(false) })?;

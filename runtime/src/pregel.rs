@@ -261,6 +261,7 @@ impl Pending {
             thread: scope.thread.to_owned(),
             ns: scope.ns.to_owned(),
             checkpoint: scope.checkpoint,
+            epoch: scope.epoch,
             step: scope.step,
             task_id: task.id.clone(),
             node: task.node.clone(),
@@ -282,6 +283,8 @@ pub(crate) struct TaskScope<'a> {
     pub(crate) thread: &'a str,
     pub(crate) ns: &'a str,
     pub(crate) checkpoint: u64,
+    /// The runner's lease epoch; `None` for a worker (see [`StepRef::epoch`]).
+    pub(crate) epoch: Option<u64>,
     pub(crate) step: u64,
     pub(crate) store: &'a SharedCheckpointer,
     pub(crate) events: Option<EventSink>,
@@ -494,7 +497,7 @@ impl<'a> Loop<'a> {
     }
 
     fn step_ref(&self, checkpoint: u64) -> StepRef<'_> {
-        StepRef { thread: &self.thread, ns: &self.ns, checkpoint }
+        StepRef { thread: &self.thread, ns: &self.ns, checkpoint, epoch: Some(self.lease.epoch) }
     }
 
     /// Makes the fork of an older checkpoint the head.
@@ -851,6 +854,7 @@ impl<'a> Loop<'a> {
             thread: &self.thread,
             ns: &self.ns,
             checkpoint: cur.id,
+            epoch: Some(self.lease.epoch),
             step: cur.step,
             store: &self.graph.store,
             events: self.events.clone(),

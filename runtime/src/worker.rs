@@ -60,7 +60,7 @@ impl Graph {
         let Some(head) = store_call(|| self.store.load(thread, "", None)).await? else {
             return Err(Error::NotFound(format!("thread `{thread}`")));
         };
-        let step = StepRef { thread, ns: "", checkpoint: head.id };
+        let step = StepRef { thread, ns: "", checkpoint: head.id, epoch: None };
         let stale = || Error::StaleTask { thread: thread.to_owned(), task: task_id.to_owned(), checkpoint: head.id };
         let task = algo::tasks_for("", head.id, &head.body).into_iter().find(|t| t.id == task_id).ok_or_else(stale)?;
         let pending = Pending::parse(store_call(|| self.store.pending_writes(step)).await?)?;
@@ -76,6 +76,7 @@ impl Graph {
             thread,
             ns: "",
             checkpoint: head.id,
+            epoch: None,
             step: head.step,
             store: &self.store,
             events: None,

@@ -58,6 +58,7 @@ conformance!(
     lists_checkpoints_newest_first_filtered_by_before_limit_and_source,
     records_pending_writes_and_keeps_the_first_write_of_a_key,
     refuses_pending_writes_as_stale_once_the_head_moved,
+    pending_writes_of_a_deposed_runner_are_refused,
     next_commit_folds_the_parent_writes_but_interrupt_writes_stay_while_the_step_is_pending,
     a_fork_moves_the_head_and_the_old_branch_still_loads_with_its_values,
     prune_keeps_the_newest_checkpoints_per_namespace_and_every_value_they_need,
@@ -207,7 +208,13 @@ async fn records_pending_writes_and_keeps_the_first_write_of_a_key(store: &dyn C
             write("task-c", WriteKind::Output, "", &json!("first")),
         ]
     );
-    assert!(store.pending_writes(StepRef { thread: "t", ns: "sub", checkpoint: head }).await.unwrap().is_empty());
+    assert!(
+        store
+            .pending_writes(StepRef { thread: "t", ns: "sub", checkpoint: head, epoch: None })
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn refuses_pending_writes_as_stale_once_the_head_moved(store: &dyn Checkpointer) {
@@ -226,9 +233,38 @@ async fn refuses_pending_writes_as_stale_once_the_head_moved(store: &dyn Checkpo
     });
     assert!(err.to_string().contains("task-a"), "{err}");
     assert!(store.pending_writes(step("t", old)).await.unwrap().is_empty());
-    let other_ns = StepRef { thread: "t", ns: "sub", checkpoint: 2 };
+    let other_ns = StepRef { thread: "t", ns: "sub", checkpoint: 2, epoch: None };
     refused(store.put_writes(other_ns, &late).await, "StaleTask", |e| matches!(e, Error::StaleTask { .. }));
     refused(store.put_writes(step("ghost", 1), &late).await, "StaleTask", |e| matches!(e, Error::StaleTask { .. }));
+}
+
+async fn pending_writes_of_a_deposed_runner_are_refused(store: &dyn Checkpointer) {
+    let first = lease(store, "t", "runner-a").await;
+    let mut chain = Chain::new("t", "");
+    let head = chain.set(store, &first, "x", &json!(0)).await;
+    let old_epoch = first.epoch;
+    let mine = StepRef { thread: "t", ns: "", checkpoint: head, epoch: Some(old_epoch) };
+    let early = [write("task-a", WriteKind::Output, "", &json!({"x": 1}))];
+    assert_eq!(store.put_writes(mine, &early).await.unwrap(), PutOutcome::Accepted);
+    drop(first);
+    let second = lease(store, "t", "runner-b").await;
+
+    // The first runner's write after the thread was taken: refused, stores nothing.
+    let late = [write("task-b", WriteKind::Output, "", &json!({"x": 2}))];
+    refused(
+        store.put_writes(mine, &late).await,
+        "LeaseLost",
+        |e| matches!(e, Error::LeaseLost { thread, epoch } if thread == "t" && *epoch == old_epoch),
+    );
+    // The new holder's writes, and a worker's (no lease), go through.
+    let theirs = StepRef { epoch: Some(second.epoch), ..mine };
+    let own = [write("task-c", WriteKind::Output, "", &json!({"x": 3}))];
+    assert_eq!(store.put_writes(theirs, &own).await.unwrap(), PutOutcome::Accepted);
+    let worker = [write("task-d", WriteKind::Output, "", &json!({"x": 4}))];
+    assert_eq!(store.put_writes(step("t", head), &worker).await.unwrap(), PutOutcome::Accepted);
+    let stored: Vec<String> =
+        store.pending_writes(step("t", head)).await.unwrap().into_iter().map(|w| w.task).collect();
+    assert_eq!(stored, ["task-a", "task-c", "task-d"]);
 }
 
 async fn next_commit_folds_the_parent_writes_but_interrupt_writes_stay_while_the_step_is_pending(
@@ -629,6 +665,70 @@ mod postgres_only {
             sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)").bind(holder).fetch_one(pool).await.unwrap();
         assert!(ended, "the lease's session ended");
         holder
+    }
+
+    /// A killed runner's last pending write can still be in flight (waiting for its WAL flush)
+    /// while the next runner takes the thread and reads the step's writes. The write holds the
+    /// thread row FOR SHARE and the take updates the row, so one waits for the other: a take
+    /// that came first makes the write wait, then find the new epoch and be refused; a write
+    /// that came first is read by the taker. A transaction left open stands for each side.
+    #[sqlx::test(migrations = false)]
+    async fn a_pending_write_and_a_take_in_flight_wait_for_each_other(pool: PgPool) {
+        let store = store(pool.clone()).await;
+        let first = lease(&store, "t", "runner-a").await;
+        let mut chain = Chain::new("t", "");
+        let head = chain.set(&store, &first, "x", &json!(0)).await;
+        let mine = StepRef { thread: "t", ns: "", checkpoint: head, epoch: Some(first.epoch) };
+
+        // A take in flight: the write waits for it, then is refused.
+        let mut take = pool.begin().await.unwrap();
+        sqlx::query("UPDATE agentic.threads SET epoch = epoch + 1 WHERE thread_id = 't'")
+            .execute(&mut *take)
+            .await
+            .unwrap();
+        let writer = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let late = [write("task-a", WriteKind::Output, "", &json!(1))];
+                store.put_writes(StepRef { thread: "t", ns: "", checkpoint: head, ..mine }, &late).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!writer.is_finished(), "the write went ahead of a take in flight");
+        take.commit().await.unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(10), writer).await.unwrap().unwrap();
+        refused(outcome, "LeaseLost", |e| matches!(e, Error::LeaseLost { epoch, .. } if *epoch == first.epoch));
+        assert!(store.pending_writes(step("t", head)).await.unwrap().is_empty());
+        drop(first);
+
+        // A write in flight: the take waits for it, and the taker reads it.
+        let mut write_tx = pool.begin().await.unwrap();
+        sqlx::query("SELECT tid FROM agentic.threads WHERE thread_id = 't' FOR SHARE")
+            .execute(&mut *write_tx)
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO agentic.writes (tid, ns, checkpoint, task, kind, key, data)
+             SELECT tid, '', $1, 'task-b', 'output', '', '\\x00'::bytea FROM agentic.threads WHERE thread_id = 't'",
+        )
+        .bind(head as i64)
+        .execute(&mut *write_tx)
+        .await
+        .unwrap();
+        let taker = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let second = lease(&store, "t", "runner-b").await;
+                (second.owner.clone(), store.pending_writes(step("t", head)).await.unwrap())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!taker.is_finished(), "the take went ahead of a write in flight");
+        write_tx.commit().await.unwrap();
+        let (owner, writes) = tokio::time::timeout(Duration::from_secs(10), taker).await.unwrap().unwrap();
+        assert_eq!(owner, "runner-b");
+        let tasks: Vec<&str> = writes.iter().map(|w| w.task.as_str()).collect();
+        assert_eq!(tasks, ["task-b"], "the taker reads the write that was in flight");
     }
 
     #[sqlx::test(migrations = false)]
@@ -1061,7 +1161,10 @@ mod postgres_only {
         for _ in 0..3 {
             let resumed = lease(&store, "long", "runner").await;
             let head = store.load("long", "", None).await.unwrap().unwrap();
-            let writes = store.pending_writes(StepRef { thread: "long", ns: "", checkpoint: head.id }).await.unwrap();
+            let writes = store
+                .pending_writes(StepRef { thread: "long", ns: "", checkpoint: head.id, epoch: None })
+                .await
+                .unwrap();
             let messages = head.values["messages"].as_array().cloned().unwrap_or_default();
             assert_eq!(messages.len(), 1000);
             assert_eq!(messages[999]["content"], json!("step 999"));

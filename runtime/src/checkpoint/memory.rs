@@ -290,6 +290,9 @@ impl Checkpointer for MemoryCheckpointer {
 
     async fn put_writes(&self, step: StepRef<'_>, writes: &[PendingWrite]) -> Result<PutOutcome> {
         let outcome = self.with_thread(step.thread, |rec| {
+            if let Some(epoch) = step.epoch.filter(|&e| e != rec.epoch) {
+                return Err(Error::LeaseLost { thread: step.thread.to_owned(), epoch });
+            }
             let Some(space) = rec.space_mut(step.ns).filter(|s| s.head == step.checkpoint) else {
                 return Err(stale_task(step, writes));
             };

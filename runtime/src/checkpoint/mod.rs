@@ -469,6 +469,11 @@ pub struct StepRef<'a> {
     pub ns: &'a str,
     /// The checkpoint the step started from; writes are refused once the head moved past it.
     pub checkpoint: u64,
+    /// The lease epoch of a runner writing for its own step: its writes are refused once another
+    /// runner took the thread, and a runner taking the thread waits for writes in flight, so the
+    /// writes it reads are all there are (a write of a killed runner cannot land after them).
+    /// `None` for writers without a lease (workers, resume values, reads).
+    pub epoch: Option<u64>,
 }
 
 /// What happened to pending writes.

@@ -1424,10 +1424,18 @@ impl Checkpointer for PostgresCheckpointer {
         // Stored only while the checkpoint is its namespace's head. Writes that checked the head
         // before a commit moving it landed, and were stored after, are deleted by the next commit
         // (it folds every checkpoint up to its parent). The first write of a (task, kind, key) wins.
-        let (current, saved): (i64, i64) = sqlx::query_as(
-            "WITH step AS (
-                SELECT t.tid FROM agentic.threads t
-                WHERE t.thread_id = $1
+        // The thread row is held FOR SHARE to the end: a runner taking the thread (its take
+        // updates the row) waits for writes in flight, so the pending writes it reads next are
+        // all there are; a write of the runner it deposed that reaches the row after the take
+        // finds another epoch ($8) and is refused (a killed runner's last write, committed while
+        // the new runner had already read, would have its task run twice).
+        let (current, saved, epoch): (i64, i64, Option<i64>) = sqlx::query_as(
+            "WITH thread AS (
+                SELECT t.tid, t.epoch FROM agentic.threads t WHERE t.thread_id = $1 FOR SHARE
+             ),
+             step AS (
+                SELECT t.tid FROM thread t
+                WHERE ($8::int8 IS NULL OR t.epoch = $8)
                     AND (SELECT max(k.id) FROM agentic.checkpoints k WHERE k.tid = t.tid AND k.ns = $2) = $3
              ),
              saved AS (
@@ -1439,7 +1447,7 @@ impl Checkpointer for PostgresCheckpointer {
                 ON CONFLICT DO NOTHING
                 RETURNING 1
              )
-             SELECT (SELECT count(*) FROM step), (SELECT count(*) FROM saved)",
+             SELECT (SELECT count(*) FROM step), (SELECT count(*) FROM saved), (SELECT epoch FROM thread)",
         )
         .bind(step.thread)
         .bind(step.ns)
@@ -1448,9 +1456,13 @@ impl Checkpointer for PostgresCheckpointer {
         .bind(writes.iter().map(|w| w.kind.as_str()).collect::<Vec<_>>())
         .bind(writes.iter().map(|w| w.key.as_str()).collect::<Vec<_>>())
         .bind(writes.iter().map(|w| w.data.as_slice()).collect::<Vec<_>>())
+        .bind(step.epoch.map(|e| e as i64))
         .fetch_one(&self.pool)
         .await
         .map_err(pg_error("put writes"))?;
+        if let Some(mine) = step.epoch.filter(|&e| epoch.is_some_and(|found| found != e as i64)) {
+            return Err(Error::LeaseLost { thread: step.thread.to_owned(), epoch: mine });
+        }
         if current == 0 {
             return Err(stale_task(step, writes));
         }

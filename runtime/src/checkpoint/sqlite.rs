@@ -383,8 +383,10 @@ impl Checkpointer for SqliteCheckpointer {
     async fn put_writes(&self, step: StepRef<'_>, writes: &[PendingWrite]) -> Result<PutOutcome> {
         let fail = sqlite_error("put writes");
         let mut tx = self.write_tx("put writes").await?;
-        let tid: Option<i64> = sqlx::query_scalar(
-            "SELECT t.tid FROM threads t JOIN heads h ON h.tid = t.tid
+        // One writer at a time: a runner's write and another runner's take of the thread are
+        // ordered, and the epoch tells a deposed runner's write apart.
+        let found: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT t.tid, t.epoch FROM threads t JOIN heads h ON h.tid = t.tid
              WHERE t.thread_id = ?1 AND h.ns = ?2 AND h.head = ?3",
         )
         .bind(step.thread)
@@ -393,7 +395,10 @@ impl Checkpointer for SqliteCheckpointer {
         .fetch_optional(&mut *tx)
         .await
         .map_err(&fail)?;
-        let Some(tid) = tid else { return Err(stale_task(step, writes)) };
+        let Some((tid, epoch)) = found else { return Err(stale_task(step, writes)) };
+        if let Some(mine) = step.epoch.filter(|&e| e as i64 != epoch) {
+            return Err(Error::LeaseLost { thread: step.thread.to_owned(), epoch: mine });
+        }
         let mut outcome = PutOutcome::Accepted;
         for write in writes {
             let inserted = sqlx::query(

@@ -218,7 +218,7 @@ pub fn write(task: &str, kind: WriteKind, key: &str, data: &Value) -> PendingWri
 
 /// The step of checkpoint `checkpoint` of `thread`'s root namespace.
 pub fn step(thread: &str, checkpoint: u64) -> StepRef<'_> {
-    StepRef { thread, ns: "", checkpoint }
+    StepRef { thread, ns: "", checkpoint, epoch: None }
 }
 
 /// A shorthand for the values map of a checkpoint.
