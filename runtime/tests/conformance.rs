@@ -645,6 +645,14 @@ mod postgres_only {
         format!("{}/{database}", base.rsplit_once('/').unwrap().0)
     }
 
+    /// A transaction holding thread `t`'s row FOR SHARE, as a commit or a pending write in
+    /// flight does.
+    async fn hold_thread_row(pool: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM agentic.threads WHERE thread_id = 't' FOR SHARE").execute(&mut *tx).await.unwrap();
+        tx
+    }
+
     /// The backend pid of the session holding this database's advisory locks.
     async fn lock_holder(pool: &PgPool) -> i32 {
         sqlx::query_scalar(
@@ -702,11 +710,7 @@ mod postgres_only {
         drop(first);
 
         // A write in flight: the take waits for it, and the taker reads it.
-        let mut write_tx = pool.begin().await.unwrap();
-        sqlx::query("SELECT tid FROM agentic.threads WHERE thread_id = 't' FOR SHARE")
-            .execute(&mut *write_tx)
-            .await
-            .unwrap();
+        let mut write_tx = hold_thread_row(&pool).await;
         sqlx::query(
             "INSERT INTO agentic.writes (tid, ns, checkpoint, task, kind, key, data)
              SELECT tid, '', $1, 'task-b', 'output', '', '\\x00'::bytea FROM agentic.threads WHERE thread_id = 't'",
@@ -989,11 +993,7 @@ mod postgres_only {
         Chain::new("t", "").set(&store, &first, "x", &json!(1)).await;
         drop(first);
         // The old holder's commit of checkpoint 2, in flight: it holds the thread row FOR SHARE.
-        let mut in_flight = pool.begin().await.unwrap();
-        sqlx::query("SELECT 1 FROM agentic.threads WHERE thread_id = 't' FOR SHARE")
-            .execute(&mut *in_flight)
-            .await
-            .unwrap();
+        let mut in_flight = hold_thread_row(&pool).await;
 
         let taking = {
             let store = store.clone();
