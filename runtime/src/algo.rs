@@ -244,13 +244,14 @@ pub(crate) fn apply_step(
     new_id: u64,
     close_segments: bool,
 ) -> Result<Applied> {
-    let (mut body, prev_fresh) = match prev {
-        Cow::Owned(prev) => {
-            (CheckpointBody { versions: prev.versions, barriers: prev.barriers, ..Default::default() }, prev.fresh)
-        }
+    let (mut body, prev_fresh): (_, Cow<'_, [String]>) = match prev {
+        Cow::Owned(prev) => (
+            CheckpointBody { versions: prev.versions, barriers: prev.barriers, ..Default::default() },
+            Cow::Owned(prev.fresh),
+        ),
         Cow::Borrowed(prev) => (
             CheckpointBody { versions: prev.versions.clone(), barriers: prev.barriers.clone(), ..Default::default() },
-            prev.fresh.clone(),
+            Cow::Borrowed(&prev.fresh),
         ),
     };
     // The written values move into the channels: no copy of a large value.
@@ -300,7 +301,7 @@ pub(crate) fn apply_step(
         }
         blobs.extend(blob);
     }
-    for channel in &prev_fresh {
+    for channel in prev_fresh.iter() {
         if !body.fresh.contains(channel) {
             values.remove(channel);
             body.versions.remove(channel);

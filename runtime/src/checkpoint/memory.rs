@@ -199,8 +199,9 @@ impl Checkpointer for MemoryCheckpointer {
                 return Err(Error::LeaseLost { thread: commit.thread.clone(), epoch: lease.epoch });
             }
             let ckpt = &commit.checkpoint;
-            let head = rec.head(&commit.ns);
-            if head == Some(ckpt.id) && rec.space(&commit.ns).is_some_and(|s| s.checkpoints.contains_key(&ckpt.id)) {
+            let at = rec.spaces.iter().position(|s| same(&s.ns, &commit.ns));
+            let head = at.map(|i| rec.spaces[i].head);
+            if head == Some(ckpt.id) && at.is_some_and(|i| rec.spaces[i].checkpoints.contains_key(&ckpt.id)) {
                 return Ok(()); // a retry of a commit that went through
             }
             if head != ckpt.expected_head {
@@ -212,7 +213,7 @@ impl Checkpointer for MemoryCheckpointer {
                 });
             }
             let kept = Kept::new(ckpt)?; // before anything changes: an encoding error stores nothing
-            if rec.space(&commit.ns).is_none() {
+            let at = at.unwrap_or_else(|| {
                 rec.spaces.push(Space {
                     ns: commit.ns.clone(),
                     head: ckpt.id,
@@ -220,8 +221,9 @@ impl Checkpointer for MemoryCheckpointer {
                     blobs: FastMap::default(),
                     writes: BTreeMap::new(),
                 });
-            }
-            let space = rec.space_mut(&commit.ns).ok_or_else(|| Error::NotFound(commit.ns.clone()))?;
+                rec.spaces.len() - 1
+            });
+            let space = &mut rec.spaces[at];
             for blob in &commit.blobs {
                 let versions = match space.blobs.get_mut(&blob.channel) {
                     Some(versions) => versions,
