@@ -1016,30 +1016,87 @@ mod postgres_only {
         assert_eq!(store.head("t", "").await.unwrap(), Some(2));
     }
 
+    /// A pending write stored by a session other than this checkpointer's (a worker's put in
+    /// flight across a commit, here a transaction left open).
+    async fn foreign_write(pool: &PgPool, checkpoint: u64, task: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query(
+            "INSERT INTO agentic.writes (tid, ns, checkpoint, task, kind, key, data)
+             SELECT tid, '', $1, $2, 'output', '', '\\x01'::bytea FROM agentic.threads WHERE thread_id = 't'",
+        )
+        .bind(checkpoint as i64)
+        .bind(task)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        tx
+    }
+
+    async fn stored_writes(pool: &PgPool) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM agentic.writes").fetch_one(pool).await.unwrap()
+    }
+
+    /// A write that checked the head before a commit moved it, and landed after, belongs to an
+    /// older checkpoint: never read as the head's. Once read (here by `pending_writes`), the next
+    /// commit folds it away.
     #[sqlx::test(migrations = false)]
-    async fn writes_that_raced_a_commit_are_folded_away_by_the_next_commit(pool: PgPool) {
+    async fn writes_that_raced_a_commit_are_folded_away_once_seen(pool: PgPool) {
         let store = store(pool.clone()).await;
         let lease = lease(&store, "t", "runner-a").await;
         let mut chain = Chain::new("t", "");
         let one = chain.set(&store, &lease, "x", &json!(1)).await;
-        // A put_writes on checkpoint 1 that found it the head, still in flight.
-        let mut racing = pool.begin().await.unwrap();
-        sqlx::query(
-            "INSERT INTO agentic.writes (tid, ns, checkpoint, task, kind, key, data)
-             SELECT tid, '', 1, 'slow', 'output', '', '1'::bytea FROM agentic.threads WHERE thread_id = 't'",
-        )
-        .execute(&mut *racing)
-        .await
-        .unwrap();
-        // The commit of checkpoint 2 does not see those writes; they land after it.
-        chain.set(&store, &lease, "x", &json!(2)).await;
+        let racing = foreign_write(&pool, one, "slow").await;
+        // The commit of checkpoint 2 does not see the write; it lands after it.
+        let two = chain.set(&store, &lease, "x", &json!(2)).await;
         racing.commit().await.unwrap();
+        assert!(store.pending_writes(step("t", two)).await.unwrap().is_empty(), "not the head's");
         assert_eq!(store.pending_writes(step("t", one)).await.unwrap().len(), 1);
 
         chain.set(&store, &lease, "x", &json!(3)).await;
         assert!(store.pending_writes(step("t", one)).await.unwrap().is_empty());
-        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM agentic.writes").fetch_one(&pool).await.unwrap();
-        assert_eq!(left, 0);
+        assert_eq!(stored_writes(&pool).await, 0);
+    }
+
+    /// A lone runner's commit leaves the fold out while no pending write was stored or read
+    /// through its checkpointer since the last fold (here a write of another session, which
+    /// this runner never reads, stays), and folds again once one was: its own write, or one it
+    /// read.
+    #[sqlx::test(migrations = false)]
+    async fn a_commit_folds_only_when_pending_writes_were_stored_or_read_since_the_last_fold(pool: PgPool) {
+        let store = store(pool.clone()).await;
+        let lease = lease(&store, "t", "runner-a").await;
+        let mut chain = Chain::new("t", "");
+        let one = chain.set(&store, &lease, "x", &json!(1)).await;
+        foreign_write(&pool, one, "unseen").await.commit().await.unwrap();
+        let two = chain.set(&store, &lease, "x", &json!(2)).await;
+        assert_eq!(stored_writes(&pool).await, 1, "nothing was counted: the commit left the fold out");
+
+        // Its own write for the head: the next commit folds it, and the unseen one below it.
+        let mine = StepRef { thread: "t", ns: "", checkpoint: two, epoch: Some(lease.epoch) };
+        store.put_writes(mine, &[write("a", WriteKind::Output, "", &json!(1))]).await.unwrap();
+        let three = chain.set(&store, &lease, "x", &json!(3)).await;
+        assert_eq!(stored_writes(&pool).await, 0);
+
+        // A write read through the checkpointer (a worker's result the runner applies).
+        foreign_write(&pool, three, "worker").await.commit().await.unwrap();
+        assert_eq!(store.pending_writes(step("t", three)).await.unwrap().len(), 1);
+        chain.set(&store, &lease, "x", &json!(4)).await;
+        assert_eq!(stored_writes(&pool).await, 0);
+    }
+
+    /// A runner taking an existing thread does not know what its predecessor left (a killed
+    /// runner's writes of the head): its first commit folds, whether or not it read them.
+    #[sqlx::test(migrations = false)]
+    async fn the_first_commit_on_a_taken_over_thread_folds_what_the_last_runner_left(pool: PgPool) {
+        let store = store(pool.clone()).await;
+        let first = lease(&store, "t", "runner-a").await;
+        let mut chain = Chain::new("t", "");
+        let one = chain.set(&store, &first, "x", &json!(1)).await;
+        foreign_write(&pool, one, "left").await.commit().await.unwrap();
+        drop(first);
+        let second = lease(&store, "t", "runner-b").await;
+        chain.set(&store, &second, "x", &json!(2)).await;
+        assert_eq!(stored_writes(&pool).await, 0);
     }
 
     #[sqlx::test(migrations = false)]

@@ -1398,7 +1398,11 @@ const STATEMENT_LABELS: &[(&str, &str)] = &[
     ("FROM fresh", "acquire lease + admission: advisory lock, thread epoch bump, a new thread's first checkpoint"),
     ("pg_try_advisory_lock", "acquire lease: advisory lock + thread epoch bump"),
     ("WITH RECURSIVE spaces", "acquire lease: highest checkpoint id and root head"),
-    ("VALUES ($1, $2, $3", "commit step on the lease session, head known: checkpoint row, folded writes"),
+    (
+        "folded AS ( DELETE FROM agentic.writes x WHERE",
+        "commit step on the lease session, head known: checkpoint row, folded writes",
+    ),
+    ("VALUES ($1, $2, $3", "commit step on the lease session, head known, no pending writes: checkpoint row"),
     (
         "FROM agentic.threads t WHERE t.tid = $1",
         "commit step on the lease session: head check, checkpoint row, folded writes",
