@@ -92,7 +92,7 @@ impl Kept {
             parent: ckpt.parent,
             step: ckpt.step,
             source: ckpt.source,
-            body: codec::encode(&*ckpt.body)?,
+            body: codec::encode_body(&ckpt.body)?,
             metadata: codec::encode(&*ckpt.metadata)?,
             at: SystemTime::now(),
         })
