@@ -36,6 +36,35 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
     encoded.map_err(|e| Error::Encoding(e.to_string()))
 }
 
+/// Encodes several payloads into one shared allocation of exactly their size: `write` appends
+/// them (with [`encode_into`], [`encode_body_into`] or bytes of its own) to an empty buffer.
+pub fn pack(write: impl FnOnce(&mut Vec<u8>) -> Result<()>) -> Result<std::sync::Arc<[u8]>> {
+    SCRATCH.with(|scratch| {
+        let Ok(mut buf) = scratch.try_borrow_mut() else {
+            let mut own = Vec::new();
+            write(&mut own)?;
+            return Ok(own.into());
+        };
+        buf.clear();
+        write(&mut buf)?;
+        let packed = std::sync::Arc::from(buf.as_slice());
+        if buf.capacity() > SCRATCH_KEEP {
+            *buf = Vec::new();
+        }
+        Ok(packed)
+    })
+}
+
+/// Appends a payload's encoding (see [`encode`]).
+pub fn encode_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Result<()> {
+    rmp_serde::encode::write_named(out, value).map_err(|e| Error::Encoding(e.to_string()))
+}
+
+/// Appends a checkpoint body's encoding (see [`encode_body`]).
+pub fn encode_body_into(out: &mut Vec<u8>, body: &CheckpointBody) -> Result<()> {
+    write_body(out, body)
+}
+
 /// Encodes a checkpoint body: the bytes [`encode`] writes for it, written field by field. A body
 /// is encoded on every step; serde's generic path (and rmp's writers, each a `Write` call with
 /// its error plumbing) spent more on its few dozen tokens than the step spent applying its

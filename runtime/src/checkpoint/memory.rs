@@ -3,7 +3,9 @@
 //!
 //! Checkpoint bodies and metadata are kept encoded, as the databases keep them: a decoded body
 //! and metadata hold maps whose nodes take kilobytes per checkpoint, and a store that keeps every
-//! checkpoint spends more time having the kernel zero that memory than encoding it.
+//! checkpoint spends more time having the kernel zero that memory than encoding it. A commit's
+//! body, metadata and channel values share one allocation of their exact total size (one size
+//! class rounding and one allocation per commit, where each payload took its own).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -73,37 +75,77 @@ fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && (a.is_empty() || a == b)
 }
 
-/// A stored channel version: the version it extends (for a delta) and its bytes.
-type StoredBlob = (Option<u64>, Vec<u8>);
+/// A stored channel version: the version it extends (for a delta), and its bytes in the pack
+/// of the commit that stored it (which a kept version keeps alive after a prune).
+struct StoredBlob {
+    base: Option<u64>,
+    pack: Arc<[u8]>,
+    at: u32,
+    len: u32,
+}
 
-/// A stored checkpoint, body and metadata encoded.
+impl StoredBlob {
+    fn bytes(&self) -> &[u8] {
+        &self.pack[self.at as usize..][..self.len as usize]
+    }
+}
+
+/// A stored checkpoint: its pack starts with the encoded body, then the metadata, then the
+/// bytes of the commit's channel versions.
 struct Kept {
     parent: Option<u64>,
     step: u64,
     source: Source,
-    body: Vec<u8>,
-    metadata: Vec<u8>,
     at: SystemTime,
+    pack: Arc<[u8]>,
+    body_len: u32,
+    metadata_len: u32,
 }
 
 impl Kept {
-    fn new(ckpt: &NewCheckpoint) -> Result<Self> {
-        Ok(Kept {
+    /// Encodes a commit; returns the checkpoint and each blob's stored form, in order.
+    fn pack(ckpt: &NewCheckpoint, blobs: &[super::ChannelBlob]) -> Result<(Self, Vec<StoredBlob>)> {
+        let too_big = || Error::Encoding("a commit's encoded payloads exceed 4 GiB".into());
+        let mut lens = (0, 0);
+        let pack = codec::pack(|buf| {
+            codec::encode_body_into(buf, &ckpt.body)?;
+            let body_len = buf.len();
+            codec::encode_into(buf, &*ckpt.metadata)?;
+            lens = (body_len, buf.len() - body_len);
+            for blob in blobs {
+                buf.extend_from_slice(&blob.data);
+            }
+            u32::try_from(buf.len()).map(drop).map_err(|_| too_big())
+        })?;
+        // Every offset fits: the whole pack does.
+        let (body_len, metadata_len) = (lens.0 as u32, lens.1 as u32);
+        let mut at = body_len + metadata_len;
+        let stored = blobs
+            .iter()
+            .map(|blob| {
+                let len = blob.data.len() as u32;
+                at += len;
+                StoredBlob { base: blob.base, pack: Arc::clone(&pack), at: at - len, len }
+            })
+            .collect();
+        let kept = Kept {
             parent: ckpt.parent,
             step: ckpt.step,
             source: ckpt.source,
-            body: codec::encode_body(&ckpt.body)?,
-            metadata: codec::encode(&*ckpt.metadata)?,
             at: SystemTime::now(),
-        })
+            pack,
+            body_len,
+            metadata_len,
+        };
+        Ok((kept, stored))
     }
 
     fn body(&self) -> Result<CheckpointBody> {
-        codec::decode(&self.body)
+        codec::decode(&self.pack[..self.body_len as usize])
     }
 
     fn metadata(&self) -> Result<Value> {
-        codec::decode(&self.metadata)
+        codec::decode(&self.pack[self.body_len as usize..][..self.metadata_len as usize])
     }
 }
 
@@ -212,7 +254,8 @@ impl Checkpointer for MemoryCheckpointer {
                     found: head,
                 });
             }
-            let kept = Kept::new(ckpt)?; // before anything changes: an encoding error stores nothing
+            // Before anything changes: an encoding error stores nothing.
+            let (kept, stored) = Kept::pack(ckpt, &commit.blobs)?;
             let at = at.unwrap_or_else(|| {
                 rec.spaces.push(Space {
                     ns: commit.ns.clone(),
@@ -224,12 +267,12 @@ impl Checkpointer for MemoryCheckpointer {
                 rec.spaces.len() - 1
             });
             let space = &mut rec.spaces[at];
-            for blob in &commit.blobs {
+            for (blob, stored) in commit.blobs.iter().zip(stored) {
                 let versions = match space.blobs.get_mut(&blob.channel) {
                     Some(versions) => versions,
                     None => space.blobs.entry(blob.channel.clone()).or_default(),
                 };
-                versions.insert(blob.version, (blob.base, blob.data.clone()));
+                versions.insert(blob.version, stored);
             }
             space.checkpoints.insert(ckpt.id, kept);
             space.head = ckpt.id;
@@ -250,7 +293,9 @@ impl Checkpointer for MemoryCheckpointer {
             let Some(space) = rec.space(ns) else { return Ok(None) };
             let Some(kept) = space.checkpoints.get(&id.unwrap_or(space.head)) else { return Ok(None) };
             let body = kept.body()?;
-            let values = materialize(&body, |channel, v| space.blobs.get(channel)?.get(&v).cloned())?;
+            let values = materialize(&body, |channel, v| {
+                space.blobs.get(channel)?.get(&v).map(|b| (b.base, b.bytes().to_vec()))
+            })?;
             Ok(Some(StoredCheckpoint {
                 id: id.unwrap_or(space.head),
                 ns: ns.to_owned(),
@@ -337,7 +382,7 @@ impl Checkpointer for MemoryCheckpointer {
                 deleted += doomed.len() as u64;
                 let mut used = std::collections::BTreeSet::new();
                 let blobs = &space.blobs;
-                let base_of = |c: &str, v: u64| blobs.get(c)?.get(&v).and_then(|b| b.0);
+                let base_of = |c: &str, v: u64| blobs.get(c)?.get(&v).and_then(|b| b.base);
                 for kept in space.checkpoints.values() {
                     used.extend(blobs_in_use([&kept.body()?], base_of));
                 }
