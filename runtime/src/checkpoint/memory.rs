@@ -386,12 +386,91 @@ impl Checkpointer for MemoryCheckpointer {
                 for kept in space.checkpoints.values() {
                     used.extend(blobs_in_use([&kept.body()?], base_of));
                 }
+                // A version kept past its commit's checkpoint moves out of that commit's pack,
+                // which would otherwise keep the pruned body and values alive.
+                let live: std::collections::HashSet<*const u8> =
+                    space.checkpoints.values().map(|k| k.pack.as_ptr()).collect();
                 for (channel, versions) in &mut space.blobs {
                     versions.retain(|v, _| used.contains(&(channel.clone(), *v)));
+                    for blob in versions.values_mut() {
+                        if !live.contains(&blob.pack.as_ptr()) && blob.pack.len() != blob.len as usize {
+                            blob.pack = Arc::from(blob.bytes());
+                            blob.at = 0;
+                        }
+                    }
                 }
             }
             Ok(deleted)
         })?;
         Ok(deleted.unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::checkpoint::{ChannelBlob, ChannelVersion, GraphIdentity, LeaseRequest};
+
+    /// Checkpoint `id` after `id - 1`, writing each `(channel, value)` whole.
+    fn commit(id: u64, versions: &mut BTreeMap<String, ChannelVersion>, writes: &[(&str, &Value)]) -> StepCommit {
+        let mut blobs = Vec::new();
+        for (channel, value) in writes {
+            versions.insert((*channel).to_owned(), ChannelVersion::whole(id));
+            let data = codec::encode(value).unwrap();
+            blobs.push(ChannelBlob { channel: (*channel).to_owned(), version: id, base: None, data });
+        }
+        let body = CheckpointBody { versions: versions.clone(), ..CheckpointBody::default() };
+        let checkpoint = NewCheckpoint {
+            id,
+            parent: (id > 1).then(|| id - 1),
+            expected_head: (id > 1).then(|| id - 1),
+            step: id,
+            source: Source::Loop,
+            body: Arc::new(body),
+            metadata: Arc::new(json!({}).into()),
+        };
+        StepCommit { thread: "t".to_owned(), ns: String::new(), checkpoint, blobs }
+    }
+
+    /// A commit's payloads share one allocation; a version that outlives its checkpoint in a
+    /// prune gets one of its own, so the pruned body and values are freed.
+    #[tokio::test]
+    async fn a_version_kept_by_a_prune_lets_its_pruned_commit_go() {
+        let store = MemoryCheckpointer::default();
+        let graph = GraphIdentity { name: "g".to_owned(), hash: "h".to_owned() };
+        let request = LeaseRequest { thread: "t", owner: "me", graph: &graph, allow_graph_change: false };
+        let lease = store.acquire(request).await.unwrap();
+        let (once, big) = (json!("written once, at checkpoint 1"), json!("x".repeat(1000)));
+        let mut versions = BTreeMap::new();
+        store.commit(&lease, &commit(1, &mut versions, &[("once", &once), ("big", &big)])).await.unwrap();
+        for id in 2..=4 {
+            store.commit(&lease, &commit(id, &mut versions, &[("big", &json!(id))])).await.unwrap();
+        }
+        {
+            let guard = lock(&store.inner);
+            let space = &guard.threads["t"].spaces[0];
+            let first = &space.checkpoints[&1].pack;
+            assert!(Arc::ptr_eq(&space.blobs["once"][&1].pack, first), "one allocation per commit");
+            assert!(Arc::ptr_eq(&space.blobs["big"][&1].pack, first));
+        }
+
+        assert_eq!(store.prune("t", 1).await.unwrap(), 3);
+
+        {
+            let guard = lock(&store.inner);
+            let space = &guard.threads["t"].spaces[0];
+            let kept = &space.blobs["once"][&1];
+            assert_eq!(kept.pack.len(), kept.len as usize, "its own allocation, exactly its bytes");
+            assert!(!space.blobs["big"].contains_key(&1));
+            assert!(Arc::ptr_eq(&space.blobs["big"][&4].pack, &space.checkpoints[&4].pack));
+        }
+        let head = store.load("t", "", None).await.unwrap().unwrap();
+        assert_eq!(head.values["once"], once);
+        assert_eq!(head.values["big"], json!(4));
+        // A second prune leaves it as it is.
+        store.prune("t", 1).await.unwrap();
+        assert_eq!(store.load("t", "", None).await.unwrap().unwrap().values["once"], once);
     }
 }
