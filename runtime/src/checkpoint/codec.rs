@@ -21,38 +21,34 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Encodes a payload for storage.
-pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
-    let encoded = SCRATCH.with(|scratch| {
-        // A Serialize impl that itself encodes finds the buffer taken and uses a fresh one.
-        let Ok(mut buf) = scratch.try_borrow_mut() else { return rmp_serde::to_vec_named(value) };
+/// Writes into the thread's scratch buffer and hands the bytes to `take` (which copies them out
+/// at their exact size). A `Serialize` impl that itself encodes finds the buffer taken and uses
+/// a fresh one.
+fn with_scratch<R>(write: impl FnOnce(&mut Vec<u8>) -> Result<()>, take: impl FnOnce(&[u8]) -> R) -> Result<R> {
+    SCRATCH.with(|scratch| {
+        let Ok(mut buf) = scratch.try_borrow_mut() else {
+            let mut own = Vec::new();
+            write(&mut own)?;
+            return Ok(take(&own));
+        };
         buf.clear();
-        let written = rmp_serde::encode::write_named(&mut *buf, value).map(|()| buf.as_slice().to_vec());
+        let taken = write(&mut buf).map(|()| take(&buf));
         if buf.capacity() > SCRATCH_KEEP {
             *buf = Vec::new();
         }
-        written
-    });
-    encoded.map_err(|e| Error::Encoding(e.to_string()))
+        taken
+    })
+}
+
+/// Encodes a payload for storage.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
+    with_scratch(|buf| encode_into(buf, value), <[u8]>::to_vec)
 }
 
 /// Encodes several payloads into one shared allocation of exactly their size: `write` appends
 /// them (with [`encode_into`], [`encode_body_into`] or bytes of its own) to an empty buffer.
 pub fn pack(write: impl FnOnce(&mut Vec<u8>) -> Result<()>) -> Result<std::sync::Arc<[u8]>> {
-    SCRATCH.with(|scratch| {
-        let Ok(mut buf) = scratch.try_borrow_mut() else {
-            let mut own = Vec::new();
-            write(&mut own)?;
-            return Ok(own.into());
-        };
-        buf.clear();
-        write(&mut buf)?;
-        let packed = std::sync::Arc::from(buf.as_slice());
-        if buf.capacity() > SCRATCH_KEEP {
-            *buf = Vec::new();
-        }
-        Ok(packed)
-    })
+    with_scratch(write, |bytes| std::sync::Arc::from(bytes))
 }
 
 /// Appends a payload's encoding (see [`encode`]).
@@ -60,33 +56,16 @@ pub fn encode_into<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) -> Resul
     rmp_serde::encode::write_named(out, value).map_err(|e| Error::Encoding(e.to_string()))
 }
 
-/// Appends a checkpoint body's encoding (see [`encode_body`]).
-pub fn encode_body_into(out: &mut Vec<u8>, body: &CheckpointBody) -> Result<()> {
-    write_body(out, body)
-}
-
 /// Encodes a checkpoint body: the bytes [`encode`] writes for it, written field by field. A body
 /// is encoded on every step; serde's generic path (and rmp's writers, each a `Write` call with
 /// its error plumbing) spent more on its few dozen tokens than the step spent applying its
 /// writes.
 pub fn encode_body(body: &CheckpointBody) -> Result<Vec<u8>> {
-    SCRATCH.with(|scratch| {
-        let Ok(mut buf) = scratch.try_borrow_mut() else {
-            let mut out = Vec::new();
-            write_body(&mut out, body)?;
-            return Ok(out);
-        };
-        buf.clear();
-        write_body(&mut buf, body)?;
-        let out = buf.as_slice().to_vec(); // kept at its exact size
-        if buf.capacity() > SCRATCH_KEEP {
-            *buf = Vec::new();
-        }
-        Ok(out)
-    })
+    with_scratch(|buf| encode_body_into(buf, body), <[u8]>::to_vec)
 }
 
-fn write_body(out: &mut Vec<u8>, body: &CheckpointBody) -> Result<()> {
+/// Appends a checkpoint body's encoding (see [`encode_body`]).
+pub fn encode_body_into(out: &mut Vec<u8>, body: &CheckpointBody) -> Result<()> {
     let mut w = Writer(out);
     w.map(2 + usize::from(!body.barriers.is_empty()) + usize::from(!body.fresh.is_empty()));
     w.str("versions");
