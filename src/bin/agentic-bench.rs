@@ -57,7 +57,7 @@ const STEP_LATENCY_METHOD: &str = "interval between the starts of consecutive su
 /// mimalloc: a step allocates and frees many small values (keys, JSON, encoded payloads), and
 /// glibc's malloc and free were about a quarter of the memory backend's instructions per step.
 /// Built without transparent huge pages (`no_thp`: no `MADV_HUGEPAGE` on its regions, as
-/// `CPython`'s allocator does not ask for them either): the memory store grows by ~2 KB per step,
+/// `CPython`'s allocator does not ask for them either): the memory store grows by ~1.5 KB per step,
 /// and on these VMs the kernel zeroing a fresh 2 MiB page at each fault took 21 to 41% of the
 /// memory chain's time, against ~9% in 4 KiB pages.
 #[global_allocator]

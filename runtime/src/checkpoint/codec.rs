@@ -151,7 +151,7 @@ impl Writer<'_> {
 
     /// A JSON value, as serde writes it (small values only: rare in a body).
     fn value(&mut self, value: &serde_json::Value) -> Result<()> {
-        rmp_serde::encode::write_named(self.0, value).map_err(|e| Error::Encoding(e.to_string()))
+        encode_into(self.0, value)
     }
 
     fn strs(&mut self, items: &[String]) {

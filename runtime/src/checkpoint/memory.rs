@@ -105,27 +105,29 @@ struct Kept {
 impl Kept {
     /// Encodes a commit; returns the checkpoint and each blob's stored form, in order.
     fn pack(ckpt: &NewCheckpoint, blobs: &[super::ChannelBlob]) -> Result<(Self, Vec<StoredBlob>)> {
-        let too_big = || Error::Encoding("a commit's encoded payloads exceed 4 GiB".into());
-        let mut lens = (0, 0);
+        let (mut body_len, mut metadata_len) = (0, 0);
         let pack = codec::pack(|buf| {
             codec::encode_body_into(buf, &ckpt.body)?;
-            let body_len = buf.len();
+            body_len = buf.len();
             codec::encode_into(buf, &*ckpt.metadata)?;
-            lens = (body_len, buf.len() - body_len);
+            metadata_len = buf.len() - body_len;
             for blob in blobs {
                 buf.extend_from_slice(&blob.data);
             }
-            u32::try_from(buf.len()).map(drop).map_err(|_| too_big())
+            Ok(())
         })?;
-        // Every offset fits: the whole pack does.
-        let (body_len, metadata_len) = (lens.0 as u32, lens.1 as u32);
-        let mut at = body_len + metadata_len;
+        if u32::try_from(pack.len()).is_err() {
+            return Err(Error::Encoding("a commit's encoded payloads exceed 4 GiB".into()));
+        }
+        // Every offset fits in 32 bits: the whole pack does.
+        let (body_len, metadata_len) = (body_len as u32, metadata_len as u32);
+        let mut next = body_len + metadata_len;
         let stored = blobs
             .iter()
             .map(|blob| {
-                let len = blob.data.len() as u32;
-                at += len;
-                StoredBlob { base: blob.base, pack: Arc::clone(&pack), at: at - len, len }
+                let (at, len) = (next, blob.data.len() as u32);
+                next += len;
+                StoredBlob { base: blob.base, pack: Arc::clone(&pack), at, len }
             })
             .collect();
         let kept = Kept {

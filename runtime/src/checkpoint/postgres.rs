@@ -271,10 +271,10 @@ struct HeldLock {
 /// prune or the thread's deletion removes them.
 #[derive(Default)]
 struct KnownHeads {
-    /// The thread was created by this lease: a namespace not in `heads` has no checkpoint, and
-    /// no pending write while the count is still `born`.
-    new_thread: bool,
-    born: u64,
+    /// The write count when this lease created the thread (`None`: it did not, or a refused
+    /// commit left the heads unknown): a namespace not in `heads` has no checkpoint, and no
+    /// pending write while the count is still this.
+    born: Option<u64>,
     /// Namespace -> what is known of it.
     heads: HashMap<String, Known>,
 }
@@ -298,7 +298,7 @@ impl HeldLock {
         let heads = self.heads();
         match heads.heads.get(ns) {
             Some(known) => (known.head == expected, known.clean_at != Some(seen)),
-            None => (heads.new_thread && expected.is_none(), !(heads.new_thread && heads.born == seen)),
+            None => (heads.born.is_some() && expected.is_none(), heads.born != Some(seen)),
         }
     }
 
@@ -310,7 +310,7 @@ impl HeldLock {
         if let Some(id) = head {
             heads.heads.insert(ns.to_owned(), Known { head: Some(id), clean_at });
         } else {
-            heads.new_thread = false;
+            heads.born = None;
             heads.heads.remove(ns);
         }
     }
@@ -1150,14 +1150,14 @@ impl PostgresCheckpointer {
         let epoch = taken.epoch.unwrap_or_default() as u64;
         let admitted = admission.is_some() && epoch == 1;
         // Epoch 1: the thread row was just made, so no checkpoint of it exists but the admission.
-        let new_thread = epoch == 1;
-        let mut known = KnownHeads { new_thread, born: seen, heads: HashMap::new() };
+        let born = (epoch == 1).then_some(seen);
+        let mut known = KnownHeads { born, heads: HashMap::new() };
         let root = match admission {
             Some(commit) if admitted => Some(commit.checkpoint.id),
             _ => head.as_ref().map(|row| row.id as u64),
         };
         // An existing thread may hold pending writes (of its head, or left by a killed runner).
-        known.heads.insert(String::new(), Known { head: root, clean_at: new_thread.then_some(seen) });
+        known.heads.insert(String::new(), Known { head: root, clean_at: born });
         let guard = HeldLock { session: Arc::clone(&self.leases), key, generation, heads: Mutex::new(known) };
         let lease = Lease::new(request.thread, request.owner, epoch, max_seq, Some(Box::new(guard)));
         Ok((lease.with_handle(taken.tid), admitted, head))
@@ -1471,7 +1471,8 @@ impl Checkpointer for PostgresCheckpointer {
     async fn put_writes(&self, step: StepRef<'_>, writes: &[PendingWrite]) -> Result<PutOutcome> {
         // Stored only while the checkpoint is its namespace's head. Writes that checked the head
         // before a commit moving it landed, and were stored after, are deleted by the next commit
-        // that folds (it folds every checkpoint up to its parent; see `KnownHeads`). The first write of a (task, kind, key) wins.
+        // that folds (it folds every checkpoint up to its parent; see `KnownHeads`). The first
+        // write of a (task, kind, key) wins.
         // The thread row is held FOR SHARE to the end: a runner taking the thread (its take
         // updates the row) waits for writes in flight, so the pending writes it reads next are
         // all there are; a write of the runner it deposed that reaches the row after the take
