@@ -285,7 +285,7 @@ fn keep_freed_pages() {
 async fn main() -> anyhow::Result<()> {
     keep_freed_pages();
     let cli = Cli::parse();
-    install_tracing();
+    install_tracing(matches!(cli.case, Case::Profile(_)));
     let mut bench = Bench::open(cli.common.clone()).await?;
     let outcome = match cli.case {
         Case::Chain(args) => bench.load(Shape::Chain, args.quick(cli.common.quick)).await,
@@ -1476,12 +1476,17 @@ impl<S: tracing::Subscriber> Layer<S> for StatementCounter {
     }
 }
 
-fn install_tracing() {
+/// Logs to stderr (`RUST_LOG`, default `warn`); `profile` also counts statements. Only there: a
+/// layer that may want sqlx's `sqlx::query` events makes sqlx format every statement's summary
+/// (~3.4k instructions per statement) to offer it, counted or not.
+fn install_tracing(count_statements: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let counter = StatementCounter.with_filter(tracing_subscriber::filter::dynamic_filter_fn(|meta, _| {
-        meta.target() == "sqlx::query" && LOG_STATEMENTS.load(Ordering::Relaxed)
-    }));
+    let counter = count_statements.then(|| {
+        StatementCounter.with_filter(tracing_subscriber::filter::dynamic_filter_fn(|meta, _| {
+            meta.target() == "sqlx::query" && LOG_STATEMENTS.load(Ordering::Relaxed)
+        }))
+    });
     tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
         .with(counter)
