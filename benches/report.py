@@ -314,22 +314,28 @@ def render(run, rows):
     md.append("## Where the time goes\n")
     md.append("`agentic-bench profile`: a chain run (fresh thread per invoke, durability sync), its wall time per "
               "node-step split into this process's CPU, every PostgreSQL process's CPU and the WAL fsync time; then "
-              "a shorter run with sqlx's statement log on, counting the statements (one round trip each once "
-              "prepared) per node-step, with their mean client-observed latency.\n")
+              "the same commits without the engine (one chain invoke's admission and step commits, recorded, then "
+              "replayed on fresh threads straight into the store for as long: the same rows, statements and round "
+              "trips, with no node run, no step applied, no value encoded; the store still encodes each checkpoint's body and metadata), which splits a step between the "
+              "engine and the store; then a shorter run with sqlx's statement log on, counting the statements (one "
+              "round trip each once prepared) per node-step, with their mean client-observed latency.\n")
     for p in [l for l in run.measures if l.get("harness") == "agentic" and l.get("case") == "profile"]:
         s = p["per_node_step_us"]
         wal = p.get("wal") or {}
         md.append(f"### {p['backend']}, {p['threads']} thread(s): {fmt(p['node_steps_per_s'])} node-steps/s\n")
-        md.append("| per node-step | µs |")
-        md.append("|---|---|")
-        md.append(f"| wall (elapsed / node-steps) | {fmt(s['wall'], 1)} |")
-        md.append(f"| client CPU (this process) | {fmt(s['client_cpu'], 1)} |")
+        alone = p.get("store_alone") or {}
+        a = alone.get("per_commit_us") or {}
+        md.append("| per node-step, µs | chain (engine and store) | its commits alone (store, no engine) |")
+        md.append("|---|---|---|")
+        md.append(f"| wall (elapsed / node-steps) | {fmt(s['wall'], 1)} | {fmt(a.get('wall'), 1)} |")
+        md.append(f"| client CPU (this process) | {fmt(s['client_cpu'], 1)} | {fmt(a.get('client_cpu'), 1)} |")
         if s.get("postgres_cpu") is not None:
-            md.append(f"| PostgreSQL CPU (all its processes) | {fmt(s['postgres_cpu'], 1)} |")
+            md.append(f"| PostgreSQL CPU (all its processes) | {fmt(s['postgres_cpu'], 1)} | {fmt(a.get('postgres_cpu'), 1)} |")
         if s.get("wal_fsync") is not None:
             md.append(f"| WAL fsync ({fmt(wal.get('syncs_per_node_step'), 3)} fsyncs/step × "
-                      f"{fmt(wal.get('ms_per_wal_sync'), 3)} ms) | {fmt(s['wal_fsync'], 1)} |")
-        md.append(f"| machine CPU busy during the run | {fmt(p['machine_cpu_busy_pct'], 1)} % of {start.get('cores', '?')} cores |")
+                      f"{fmt(wal.get('ms_per_wal_sync'), 3)} ms) | {fmt(s['wal_fsync'], 1)} | – |")
+        md.append(f"| machine CPU busy during the run | {fmt(p['machine_cpu_busy_pct'], 1)} % of {start.get('cores', '?')} cores | – |")
+        md.append(f"| steps (commits) per second | {fmt(p['node_steps_per_s'])} | {fmt(alone.get('commits_per_s'))} |")
         md.append("")
         if wal:
             md.append(f"Commits (pg_stat_database, read-only included): {fmt(wal.get('db_commits_per_node_step'), 3)} per "

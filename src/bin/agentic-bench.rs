@@ -12,8 +12,9 @@
 //!   thread), then times loading it and continuing it by one step.
 //! - `storage`: bytes stored for a thread of 1,000 appending steps, against the raw payload.
 //! - `rss`: resident memory idle after setup and at its peak during a 64-thread run.
-//! - `profile`: where a step's time goes: client CPU, PostgreSQL CPU, WAL fsyncs, and the
-//!   statements (round trips) per step, counted from sqlx's statement log.
+//! - `profile`: where a step's time goes: client CPU, PostgreSQL CPU, WAL fsyncs, the same
+//!   commits replayed straight into the store without the engine, and the statements (round
+//!   trips) per step, counted from sqlx's statement log.
 //!
 //! On PostgreSQL every throughput figure carries the WAL fsync count and time of its own
 //! repetition (`pg_stat_wal`, with `track_wal_io_timing` on): the disk's fsync latency on these
@@ -26,6 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+use agentic::replay::{Recorder, Replay};
 use agentic_runtime::checkpoint::{ListFilter, MemoryCheckpointer, PostgresCheckpointer, SqliteCheckpointer};
 use agentic_runtime::{
     Channel, Durability, END, Goto, Graph, GraphBuilder, Input, NodeError, RunConfig, START, SharedCheckpointer,
@@ -973,7 +975,9 @@ impl Bench {
         let busy = machine1.0 - machine0.0;
         let total = machine1.1 - machine0.1;
 
-        // Second run: statements per step from the statement log (its own overhead is not timed).
+        let store_alone = self.store_alone(&args, figures.secs).await?;
+
+        // Last run: statements per step from the statement log (its own overhead is not timed).
         let statements = if self.common.backend == Backend::Postgres {
             let store = self.store("profile-statements").await?;
             self.run_load(Shape::Chain, &store, args.threads, 0.3, 0).await?;
@@ -1026,11 +1030,70 @@ impl Bench {
             "machine_cpu_busy_pct": round2(100.0 * busy / total.max(1.0)),
             "client_cpu_ms_total": round2(cpu1 - cpu0),
             "wal": wal.map(|w| w.to_json(figures.nodes, figures.secs)),
+            "store_alone": store_alone,
             "statements": statements,
             "tags": self.tags(),
         });
         println!("{line}");
         Ok(())
+    }
+}
+
+impl Bench {
+    /// `profile`'s store without the engine: one chain invoke's commits (its admission and its
+    /// ten steps) recorded on a memory store, then replayed by `threads` tasks straight into a
+    /// fresh store of the backend for `secs`, each replay on a fresh thread: the same rows,
+    /// statements and round trips as the chain's, with no node run, no step applied and no value
+    /// encoded. Wall and CPU per commit, as for the chain.
+    async fn store_alone(&mut self, args: &LoadArgs, secs: f64) -> anyhow::Result<Value> {
+        let recorder = Arc::new(Recorder::new(Arc::new(MemoryCheckpointer::new())));
+        let graph = build_graph(Shape::Chain, &Hooks::default())?;
+        let identity = graph.identity().clone();
+        let config = self.config();
+        let recording = graph.with_checkpointer(Arc::clone(&recorder) as SharedCheckpointer);
+        recording.invoke("record", Input::Start(input_for(Shape::Chain)), &config).await?;
+        let run = recorder.take();
+        Replay::new(run.clone(), identity.clone())?;
+        let store = self.store("profile-store-alone").await?;
+        let replay = |secs: f64, label: &str| {
+            let deadline = Instant::now() + Duration::from_secs_f64(secs);
+            let tasks: Vec<_> = (0..args.threads)
+                .map(|w| {
+                    let (run, identity, store) = (run.clone(), identity.clone(), Arc::clone(&store));
+                    let (prefix, owner) = (format!("{}-{label}-w{w}", self.prefix), config.owner.clone());
+                    tokio::spawn(
+                        async move { Replay::new(run, identity)?.until(&*store, &prefix, &owner, deadline).await },
+                    )
+                })
+                .collect();
+            async move {
+                let mut commits = 0;
+                for task in tasks {
+                    commits += task.await??.commits;
+                }
+                anyhow::Ok(commits)
+            }
+        };
+        eprintln!("[agentic-bench] profile: the chain's commits replayed without the engine for {secs:.1} s");
+        replay(secs.min(1.0) / 2.0, "store-warm").await?;
+        let (cpu0, server0, t) = (process_cpu_ms(), postgres_cpu_ms(), Instant::now());
+        let commits = replay(secs, "store-alone").await?;
+        let (cpu1, server1, elapsed) = (process_cpu_ms(), postgres_cpu_ms(), t.elapsed().as_secs_f64());
+        let n = commits.max(1) as f64;
+        Ok(json!({
+            "what": "one chain invoke's commits (admission with the lease, then 10 step commits) replayed on fresh \
+                threads straight into the store: the chain's rows, statements and round trips, without the engine \
+                (no node run, no step applied, no value encoded; the store still encodes each checkpoint's body \
+                and metadata, as it does for the chain)",
+            "secs": round2(elapsed),
+            "commits": commits,
+            "commits_per_s": round2(n / elapsed),
+            "per_commit_us": {
+                "wall": round2(elapsed * 1e6 / n),
+                "client_cpu": round2((cpu1 - cpu0) * 1e3 / n),
+                "postgres_cpu": (self.common.backend == Backend::Postgres).then(|| round2((server1 - server0) * 1e3 / n)),
+            },
+        }))
     }
 }
 
