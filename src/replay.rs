@@ -104,6 +104,7 @@ pub struct Replayed {
 }
 
 /// One recorded run, replayed on fresh threads: its admission, then its step commits.
+#[derive(Clone)]
 pub struct Replay {
     /// The admission first; each replay renames the thread in place (no copy of the values).
     run: Vec<StepCommit>,
@@ -168,7 +169,7 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_replayed_run_stores_the_recorded_checkpoints_on_each_fresh_thread() -> anyhow::Result<()> {
+    async fn a_replayed_run_stores_the_recorded_state_on_a_fresh_thread_and_only_there() -> anyhow::Result<()> {
         let graph = GraphBuilder::new("replayed")
             .channel("n", Channel::sum())
             .channel("log", Channel::append())
@@ -187,7 +188,8 @@ mod tests {
         assert!(recorder.take().is_empty(), "taken once");
 
         let store = MemoryCheckpointer::new();
-        let done = Replay::new(run, identity)?.until(&store, "copy", "replayer", Instant::now()).await?;
+        let mut replay = Replay::new(run, identity)?;
+        let done = replay.until(&store, "copy", "replayer", Instant::now()).await?;
         assert_eq!(done, Replayed { runs: 1, commits: 2 });
         let copy = store.load("copy-0", "", None).await?.expect("the replayed thread has a head");
         let original = recording.get_state("original").await?.expect("the recorded thread has a state");
@@ -195,6 +197,10 @@ mod tests {
         assert_eq!(copy.values.get("n"), Some(&json!(13)));
         assert_eq!(copy.values.get("log"), Some(&json!(["a", "b"])));
         assert_eq!(original.values.value("n"), copy.values.get("n"));
+        // A thread that exists is not replayed over.
+        let again = replay.until(&store, "copy", "replayer", Instant::now()).await;
+        assert!(matches!(again, Err(Error::InvalidState(message)) if message.contains("copy-0")));
+        assert_eq!(store.load("copy-0", "", None).await?.map(|c| c.id), Some(3));
         Ok(())
     }
 

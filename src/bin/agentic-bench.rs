@@ -1037,9 +1037,7 @@ impl Bench {
         println!("{line}");
         Ok(())
     }
-}
 
-impl Bench {
     /// `profile`'s store without the engine: one chain invoke's commits (its admission and its
     /// ten steps) recorded on a memory store, then replayed by `threads` tasks straight into a
     /// fresh store of the backend for `secs`, each replay on a fresh thread: the same rows,
@@ -1052,18 +1050,15 @@ impl Bench {
         let config = self.config();
         let recording = graph.with_checkpointer(Arc::clone(&recorder) as SharedCheckpointer);
         recording.invoke("record", Input::Start(input_for(Shape::Chain)), &config).await?;
-        let run = recorder.take();
-        Replay::new(run.clone(), identity.clone())?;
+        let replay = Replay::new(recorder.take(), identity)?;
         let store = self.store("profile-store-alone").await?;
-        let replay = |secs: f64, label: &str| {
+        let replay_for = |secs: f64, label: &str| {
             let deadline = Instant::now() + Duration::from_secs_f64(secs);
             let tasks: Vec<_> = (0..args.threads)
                 .map(|w| {
-                    let (run, identity, store) = (run.clone(), identity.clone(), Arc::clone(&store));
+                    let (mut replay, store) = (replay.clone(), Arc::clone(&store));
                     let (prefix, owner) = (format!("{}-{label}-w{w}", self.prefix), config.owner.clone());
-                    tokio::spawn(
-                        async move { Replay::new(run, identity)?.until(&*store, &prefix, &owner, deadline).await },
-                    )
+                    tokio::spawn(async move { replay.until(&*store, &prefix, &owner, deadline).await })
                 })
                 .collect();
             async move {
@@ -1075,9 +1070,9 @@ impl Bench {
             }
         };
         eprintln!("[agentic-bench] profile: the chain's commits replayed without the engine for {secs:.1} s");
-        replay(secs.min(1.0) / 2.0, "store-warm").await?;
+        replay_for(secs.min(1.0) / 2.0, "store-warm").await?;
         let (cpu0, server0, t) = (process_cpu_ms(), postgres_cpu_ms(), Instant::now());
-        let commits = replay(secs, "store-alone").await?;
+        let commits = replay_for(secs, "store-alone").await?;
         let (cpu1, server1, elapsed) = (process_cpu_ms(), postgres_cpu_ms(), t.elapsed().as_secs_f64());
         let n = commits.max(1) as f64;
         Ok(json!({
