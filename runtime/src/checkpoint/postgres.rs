@@ -235,6 +235,11 @@ impl LeaseSession {
 
     /// Unlocks the keys of dropped leases that no lease statement carried.
     async fn flush_unlocks(&self) {
+        // Usually a lease statement carried them already: then the session is not touched (its
+        // lock is held by every commit in flight on it, and waiting for it costs wake-ups).
+        if self.unlocks.lock().unwrap_or_else(PoisonError::into_inner).is_empty() {
+            return;
+        }
         let mut guard = self.conn.lock().await;
         let keys = self.take_unlocks(guard.0);
         if keys.is_empty() {
