@@ -316,9 +316,10 @@ def render(run, rows):
               "node-step split into this process's CPU, every PostgreSQL process's CPU and the WAL fsync time; then "
               "the same commits without the engine (one chain invoke's admission and step commits, recorded, then "
               "replayed on fresh threads straight into the store for as long: the same rows, statements and round "
-              "trips, with no node run, no step applied, no value encoded; the store still encodes each checkpoint's body and metadata), which splits a step between the "
-              "engine and the store; then a shorter run with sqlx's statement log on, counting the statements (one "
-              "round trip each once prepared) per node-step, with their mean client-observed latency.\n")
+              "trips, with no node run, no step applied, no value encoded; the store still encodes each "
+              "checkpoint's body and metadata), which splits a step between the engine and the store; then a "
+              "shorter run with sqlx's statement log on, counting the statements (one round trip each once "
+              "prepared) per node-step, with their mean client-observed latency.\n")
     for p in [l for l in run.measures if l.get("harness") == "agentic" and l.get("case") == "profile"]:
         s = p["per_node_step_us"]
         wal = p.get("wal") or {}

@@ -3,7 +3,6 @@
 //! encoded; the same rows, statements and round trips). `agentic-bench profile` sets the two side
 //! by side.
 
-use std::fmt::Write as _;
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
@@ -134,10 +133,8 @@ impl Replay {
         deadline: Instant,
     ) -> Result<Replayed> {
         let mut done = Replayed::default();
-        let mut thread = String::new();
         loop {
-            thread.clear();
-            write!(thread, "{prefix}-{}", done.runs).map_err(|e| Error::InvalidState(e.to_string()))?;
+            let thread = format!("{prefix}-{}", done.runs);
             for commit in &mut self.run {
                 commit.thread.clone_from(&thread);
             }
