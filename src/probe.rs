@@ -20,7 +20,7 @@ pub struct ProbeShape {
     pub max_pause_ms: u64,
     /// Run the workers in other processes.
     pub remote_workers: bool,
-    /// Extra pause of every worker after it recorded its execution (to kill it mid-task).
+    /// Extra pause of every node after it recorded its execution (to kill it mid-task).
     pub hold_ms: u64,
 }
 
@@ -76,7 +76,7 @@ pub fn graph(shape: ProbeShape, executions: PgPool) -> Result<Graph, agentic_run
                 let db = plan_db.clone();
                 async move {
                     let exec = record(&db, ctx.thread_id(), ctx.task_id(), "plan").await?;
-                    tokio::time::sleep(pause(max, ctx.task_id())).await;
+                    tokio::time::sleep(pause(max, ctx.task_id()) + Duration::from_millis(hold)).await;
                     let round: u64 = state.get_or("round", 0)?;
                     Ok(Update::new()
                         .set("round", 1)
@@ -106,7 +106,7 @@ pub fn graph(shape: ProbeShape, executions: PgPool) -> Result<Graph, agentic_run
                 let db = join_db.clone();
                 async move {
                     let exec = record(&db, ctx.thread_id(), ctx.task_id(), "join").await?;
-                    tokio::time::sleep(pause(max, ctx.task_id())).await;
+                    tokio::time::sleep(pause(max, ctx.task_id()) + Duration::from_millis(hold)).await;
                     let total: u64 = state.get("total")?;
                     Ok(Update::new()
                         .set("effects", json!({"task": ctx.task_id(), "exec": exec, "node": "join"}))

@@ -64,6 +64,16 @@ impl Checkpointer for Recorder {
         Ok(())
     }
 
+    async fn commit_lazy(&self, lease: &Lease, commit: &StepCommit) -> Result<()> {
+        self.inner.commit_lazy(lease, commit).await?;
+        self.log().push(commit.clone());
+        Ok(())
+    }
+
+    async fn flush(&self, lease: &Lease) -> Result<()> {
+        self.inner.flush(lease).await
+    }
+
     async fn head(&self, thread: &str, ns: &str) -> Result<Option<u64>> {
         self.inner.head(thread, ns).await
     }

@@ -1,7 +1,9 @@
-//! Crash test: the probe graph (fan-out, join, five reducers) runs on PostgreSQL in a real
+//! Crash tests: the probe graph (fan-out, join, five reducers) runs on PostgreSQL in a real
 //! process that is SIGKILLed at seeded random moments and restarted on the same thread. The
 //! final state must equal an uninterrupted run's, every reducer write must apply exactly once,
-//! and the executions table must show that no task of a committed step ran again.
+//! and the executions table must show that no task of a committed step ran again. And a new run
+//! on a finished thread, whose admission commits without waiting for the WAL flush, killed in
+//! its first node: the next runner goes on from that admission.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod support;
@@ -20,7 +22,12 @@ const WIDTH: u64 = 4;
 const SHAPE: [&str; 6] = ["--rounds", "30", "--width", "4", "--max-pause-ms", "40"];
 
 async fn executions(db: &TestDb) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM probe_executions WHERE thread = 'crashed'")
+    executions_of(db, "crashed").await
+}
+
+async fn executions_of(db: &TestDb, thread: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM probe_executions WHERE thread = $1")
+        .bind(thread)
         .fetch_one(&db.pool)
         .await
         .unwrap_or(0)
@@ -92,5 +99,50 @@ async fn resumes_after_sigkill_without_losing_or_repeating_writes() {
         "seed {seed}: {kills} kills, {restarts} starts, {} executions for {} tasks ({} lost to kills)",
         audit.executions, audit.tasks, audit.lost_executions
     );
+    db.drop_db().await;
+}
+
+/// A new run on a thread whose last run finished commits its admission without waiting for the
+/// WAL flush (its first step's commit flushes both). The runner is SIGKILLed inside that first
+/// node, after the admission returned: the admission is still the thread's head, and the next
+/// runner continues the run from it, so its round runs once and only once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_run_killed_in_its_first_node_goes_on_from_its_admission() {
+    let db = TestDb::new("again").await;
+    let shape = ["--rounds", "1", "--width", "2", "--max-pause-ms", "1"];
+    let first = probe_cmd(&db, "again", &[&shape[..], &["run"]].concat()).spawn().unwrap();
+    let (ok, out, err) = finish(first, Duration::from_mins(1)).await;
+    assert!(ok, "first run failed: {err}");
+    let first: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(first["round"], Value::from(1));
+
+    let before = executions_of(&db, "again").await;
+    let held = [&shape[..], &["--hold-ms", "60000", "run", "--again"]].concat();
+    let mut child = probe_cmd(&db, "again", &held).spawn().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while executions_of(&db, "again").await == before {
+        assert!(!child_finished(&mut child), "the new run ended before its first node");
+        assert!(tokio::time::Instant::now() < deadline, "the new run's first node never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sigkill(&child);
+    let (ok, _, _) = finish(child, Duration::from_mins(1)).await;
+    assert!(!ok, "the run was killed inside its first node");
+    let head: String = sqlx::query_scalar(
+        "SELECT c.source FROM agentic.checkpoints c JOIN agentic.threads t ON t.tid = c.tid
+         WHERE t.thread_id = 'again' AND c.ns = '' ORDER BY c.id DESC LIMIT 1",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(head, "input", "the killed run's admission is the head");
+
+    let next = probe_cmd(&db, "again", &[&shape[..], &["run"]].concat()).spawn().unwrap();
+    let (ok, out, err) = finish(next, Duration::from_mins(1)).await;
+    assert!(ok, "the continued run failed: {err}");
+    let last: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(last["round"], Value::from(2), "the killed run's round ran, once");
+    let total = first["total"].as_u64().unwrap() + 200 + 201;
+    assert_eq!(last["total"], Value::from(total));
     db.drop_db().await;
 }

@@ -378,7 +378,10 @@ impl Graph {
         }
         let outcome = run.run().await;
         run.settle().await?;
+        // Whatever ended the run, what it reports stands on durable checkpoints.
+        let flushed = run.flush().await;
         let outcome = outcome?;
+        flushed?;
         if let RunOutcome::Interrupted(interrupts) = &outcome {
             run.emit(Event::Interrupted { interrupts: interrupts.clone() });
         }
@@ -518,7 +521,7 @@ impl<'a> Loop<'a> {
             body: Arc::new(old.body.clone()),
             metadata: Arc::new(json!({"forked_from": id, "owner": self.lease.owner}).into()),
         };
-        self.commit_now(checkpoint, Vec::new()).await?;
+        self.commit_now(checkpoint, Vec::new(), false).await?;
         let mut current = Current::from_stored(old);
         current.id = new_id;
         current.interrupt_after = false;
@@ -546,8 +549,10 @@ impl<'a> Loop<'a> {
                 let metadata = json!({"owner": self.lease.owner});
                 let (checkpoint, blobs, current) =
                     admission(&self.graph.inner, self.current.take(), self.head, id, update, metadata)?;
-                // Admission: the run is durable before its first node runs, whatever the durability mode.
-                self.commit_now(checkpoint, blobs).await?;
+                // Admission: stored before the first node runs, whatever the durability mode, and
+                // kept if this process dies; durable against a crash of the store's server with
+                // the run's first durable commit (one log flush for both), or when the run ends.
+                self.commit_now(checkpoint, blobs, true).await?;
                 self.current = Some(current);
                 self.made_here = true;
                 self.emit_values();
@@ -1020,7 +1025,7 @@ impl<'a> Loop<'a> {
     /// Commits a step as the durability mode says.
     async fn commit(&mut self, checkpoint: NewCheckpoint, blobs: Vec<ChannelBlob>) -> Result<()> {
         match self.config.durability {
-            Durability::Sync => self.commit_now(checkpoint, blobs).await,
+            Durability::Sync => self.commit_now(checkpoint, blobs, false).await,
             Durability::Async => {
                 self.settle().await?;
                 let commit = StepCommit { thread: self.thread.clone(), ns: self.ns.clone(), checkpoint, blobs };
@@ -1045,14 +1050,27 @@ impl<'a> Loop<'a> {
         }
     }
 
-    async fn commit_now(&mut self, checkpoint: NewCheckpoint, blobs: Vec<ChannelBlob>) -> Result<()> {
+    /// Commits a checkpoint now; `lazy`: [`crate::checkpoint::Checkpointer::commit_lazy`], made durable by the next
+    /// durable commit or by [`Loop::flush`].
+    async fn commit_now(&mut self, checkpoint: NewCheckpoint, blobs: Vec<ChannelBlob>, lazy: bool) -> Result<()> {
         self.settle().await?;
         let (id, step) = (checkpoint.id, checkpoint.step);
         let commit = StepCommit { thread: self.thread.clone(), ns: self.ns.clone(), checkpoint, blobs };
-        store_call(|| self.graph.store.commit(&self.lease, &commit)).await?;
+        let store = &self.graph.store;
+        if lazy {
+            store_call(|| store.commit_lazy(&self.lease, &commit)).await?;
+        } else {
+            store_call(|| store.commit(&self.lease, &commit)).await?;
+        }
         self.head = Some(id);
         self.emit(Event::Checkpoint { id, step });
         Ok(())
+    }
+
+    /// Makes what the lease stored durable, if no durable commit did since (a run that ends after
+    /// its admission, say at an interrupt before its first node).
+    async fn flush(&self) -> Result<()> {
+        store_call(|| self.graph.store.flush(&self.lease)).await
     }
 
     /// Waits for a commit in flight (durability async).
@@ -1119,7 +1137,7 @@ impl<'a> Loop<'a> {
             };
             blobs.push(ChannelBlob { channel, version: held.version, base: Some(base), data });
         }
-        self.commit_now(checkpoint, blobs).await
+        self.commit_now(checkpoint, blobs, false).await
     }
 }
 

@@ -1,7 +1,9 @@
-//! A new thread's lease and its run's admission in one call (`Checkpointer::begin`; one statement
-//! on PostgreSQL) never admits a run twice: when the answer of a call that went through is lost
-//! and the call is tried again, the run goes on from the admission it stored. (What the call
-//! stores is checked on every backend in the conformance suite.)
+//! A run's admission: a new thread's lease and admission in one call (`Checkpointer::begin`;
+//! one statement on PostgreSQL) never admits a run twice: when the answer of a call that went
+//! through is lost and the call is tried again, the run goes on from the admission it stored.
+//! (What the call stores is checked on every backend in the conformance suite.) On PostgreSQL
+//! the take and an existing thread's admission commit without waiting for the WAL flush: the
+//! run's first step commit flushes them, and a run that ends before one flushes as it ends.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly on unexpected errors")]
 
 use std::sync::Arc;
@@ -47,6 +49,9 @@ impl Checkpointer for LostAnswer {
     }
     async fn commit(&self, lease: &Lease, commit: &StepCommit) -> Result<()> {
         self.inner.commit(lease, commit).await
+    }
+    async fn flush(&self, lease: &Lease) -> Result<()> {
+        self.inner.flush(lease).await
     }
     async fn head(&self, thread: &str, ns: &str) -> Result<Option<u64>> {
         self.inner.head(thread, ns).await
@@ -109,4 +114,56 @@ async fn memory_never_admits_twice() {
 #[sqlx::test(migrations = false)]
 async fn postgres_never_admits_twice(pool: sqlx::PgPool) {
     a_lost_answer_does_not_admit_the_input_twice(Arc::new(PostgresCheckpointer::from_pool(pool).await.unwrap())).await;
+}
+
+/// Whether thread `t`'s row was written after its newest admission committed. The take writes
+/// the row before (or with) the admission; only a flush writes it after.
+async fn flushed_after_admission(pool: &sqlx::PgPool) -> bool {
+    sqlx::query_scalar(
+        "SELECT t.updated_at > c.created_at
+         FROM agentic.threads t
+            JOIN agentic.checkpoints c ON c.tid = t.tid AND c.ns = '' AND c.source = 'input'
+         WHERE t.thread_id = 't'
+         ORDER BY c.id DESC LIMIT 1",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// A run that stops before its first node (an interrupt) ends flushed, on a new thread and on an
+/// existing one; a run whose first step commits does not flush again (that commit did).
+#[sqlx::test(migrations = false)]
+async fn postgres_runs_end_durable_with_one_flush_at_most(pool: sqlx::PgPool) {
+    let store: Arc<dyn Checkpointer> = Arc::new(PostgresCheckpointer::from_pool(pool.clone()).await.unwrap());
+    let reviewed = GraphBuilder::new("adder")
+        .channel("total", Channel::sum())
+        .channel("log", Channel::append())
+        .node("one", node_fn(|_, _| async { Ok(Update::new().set("total", 1).set("log", "one")) }))
+        .edge(START, "one")
+        .edge("one", END)
+        .interrupt_before(["one"])
+        .compile()
+        .unwrap()
+        .with_checkpointer(Arc::clone(&store));
+    let input = || Input::Start(Update::new().set("total", 10).set("log", "input"));
+    let config = RunConfig::default();
+
+    let stopped = reviewed.invoke("t", input(), &config).await.unwrap();
+    assert_eq!(stopped.interrupts().len(), 1, "stopped before `one`");
+    assert!(flushed_after_admission(&pool).await, "a new thread's run that stopped at once was flushed");
+    let resumed = reviewed.invoke("t", Input::Resume(agentic_runtime::Resume::Value(json!(null))), &config).await;
+    assert_eq!(resumed.unwrap().state().unwrap().to_json()["total"], json!(11));
+
+    let stopped = reviewed.invoke("t", input(), &config).await.unwrap();
+    assert_eq!(stopped.interrupts().len(), 1, "stopped before `one` again");
+    assert!(flushed_after_admission(&pool).await, "an existing thread's lazy admission was flushed");
+
+    let straight = adder(Arc::clone(&store));
+    let config = RunConfig { allow_graph_change: true, ..RunConfig::default() };
+    let done = straight.invoke("t", Input::Continue, &config).await.unwrap();
+    assert_eq!(done.state().unwrap().to_json()["total"], json!(22));
+    let done = straight.invoke("t", input(), &config).await.unwrap();
+    assert_eq!(done.state().unwrap().to_json()["total"], json!(33));
+    assert!(!flushed_after_admission(&pool).await, "no flush after the step commit that made the admission durable");
 }

@@ -73,6 +73,7 @@ conformance!(
     namespaces_have_their_own_heads_and_checkpoints,
     inline_values_load_beside_stored_rows_and_survive_a_prune,
     a_run_begins_with_the_admission_on_a_new_thread_and_the_head_on_an_old_one,
+    a_lazy_commit_is_stored_folded_and_refused_like_any_commit,
 );
 
 async fn commits_a_checkpoint_and_loads_it_as_head_and_by_id(store: &dyn Checkpointer) {
@@ -483,6 +484,48 @@ async fn a_commit_with_a_superseded_lease_is_refused_and_stores_nothing(store: &
     assert_eq!(mine.checkpoint.id, late.checkpoint.id);
     store.commit(&second, &mine).await.unwrap();
     assert_eq!(store.load("t", "", None).await.unwrap().unwrap().values, values(&[("x", json!("mine"))]));
+}
+
+/// `commit_lazy` differs from `commit` only in when the commit becomes durable: it stores the
+/// same checkpoint, folds the parent's pending writes, and is refused for the same reasons;
+/// `flush` after it, after a durable commit, or twice in a row succeeds.
+async fn a_lazy_commit_is_stored_folded_and_refused_like_any_commit(store: &dyn Checkpointer) {
+    let first = lease(store, "t", "runner-a").await;
+    let mut chain = Chain::new("t", "");
+    let one = chain.next(&first).set("x", &json!(1)).build();
+    store.commit_lazy(&first, &one).await.unwrap();
+    store.flush(&first).await.unwrap();
+    store.flush(&first).await.unwrap();
+    chain.head = Some(one.checkpoint.id);
+    let parent = one.checkpoint.id;
+    store.put_writes(step("t", parent), &[write("a", WriteKind::Output, "", &json!(2))]).await.unwrap();
+    let two = Commit::new("t", first.next_checkpoint_id())
+        .after(parent)
+        .step(1)
+        .source(Source::Loop)
+        .versions(&one.checkpoint.body.versions)
+        .set("x", &json!(2))
+        .build();
+    store.commit_lazy(&first, &two).await.unwrap();
+    assert!(store.pending_writes(step("t", parent)).await.unwrap().is_empty(), "folded by the lazy commit");
+    let head = store.load("t", "", None).await.unwrap().expect("the head loads");
+    assert_eq!((head.id, head.values), (two.checkpoint.id, values(&[("x", json!(2))])));
+
+    let behind = Commit::new("t", first.next_checkpoint_id()).after(parent).set("x", &json!("behind")).build();
+    refused(
+        store.commit_lazy(&first, &behind).await,
+        "HeadMoved",
+        |e| matches!(e, Error::HeadMoved { expected: Some(p), found: Some(f), .. } if *p == parent && *f == two.checkpoint.id),
+    );
+    let old_epoch = first.epoch;
+    drop(first);
+    let second = lease(store, "t", "runner-b").await;
+    let stale = Lease::new("t", "runner-a", old_epoch, 3, None);
+    let late = Commit::new("t", 4).after(two.checkpoint.id).set("x", &json!("late")).build();
+    refused(store.commit_lazy(&stale, &late).await, "LeaseLost", |e| matches!(e, Error::LeaseLost { .. }));
+    store.flush(&second).await.unwrap();
+    assert_eq!(store.head("t", "").await.unwrap(), Some(two.checkpoint.id));
+    assert!(store.load("t", "", Some(behind.checkpoint.id)).await.unwrap().is_none());
 }
 
 async fn a_commit_is_refused_when_the_head_moved(store: &dyn Checkpointer) {

@@ -28,7 +28,7 @@ struct Cli {
     /// Longest pause inside a node, in milliseconds.
     #[arg(long, default_value_t = 30)]
     max_pause_ms: u64,
-    /// Extra pause of a worker after it recorded its execution, in milliseconds.
+    /// Extra pause of every node after it recorded its execution, in milliseconds.
     #[arg(long, default_value_t = 0)]
     hold_ms: u64,
     /// Leave the workers to `agentic-probe work` processes.
@@ -41,7 +41,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start the thread, or continue it if it exists; print the final state as JSON.
-    Run,
+    Run {
+        /// Start a new run even if the thread exists (its last run must have finished).
+        #[arg(long)]
+        again: bool,
+    },
     /// Run one task of the thread's current step.
     Work {
         /// The task id.
@@ -67,9 +71,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let graph = probe::graph(shape, pool)?.with_checkpointer(Arc::new(store));
     match cli.command {
-        Command::Run => {
+        Command::Run { again } => {
             let config = RunConfig { recursion_limit: 10_000, ..RunConfig::default() };
-            let input = if graph.get_state(&cli.thread).await?.is_some() {
+            let input = if !again && graph.get_state(&cli.thread).await?.is_some() {
                 Input::Continue
             } else {
                 Input::Start(Update::new())

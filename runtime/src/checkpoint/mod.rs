@@ -558,6 +558,21 @@ pub trait Checkpointer: Send + Sync + 'static {
     /// checkpoint is already stored succeeds.
     async fn commit(&self, lease: &Lease, commit: &StepCommit) -> Result<()>;
 
+    /// [`Checkpointer::commit`] that may answer before the commit is durable against a crash of
+    /// the store's server: stored, visible to every reader and kept if this process dies, but
+    /// made durable only by a later durable commit (a server writes its log in order, so any
+    /// durable commit after it covers it) or by [`Checkpointer::flush`]. PostgreSQL saves the
+    /// wait for one WAL flush; the other backends commit durably. A run's admission on an
+    /// existing thread uses it: the run's first step commit makes both durable at once.
+    async fn commit_lazy(&self, lease: &Lease, commit: &StepCommit) -> Result<()> {
+        self.commit(lease, commit).await
+    }
+
+    /// Makes what the lease stored durable, if no durable commit has done it since: its lazy
+    /// commits and, on PostgreSQL, its take (see [`Checkpointer::commit_lazy`]). A run calls it
+    /// as it ends. A store that wraps another forwards it (the lease is the inner store's).
+    async fn flush(&self, lease: &Lease) -> Result<()>;
+
     /// The head of a namespace.
     async fn head(&self, thread: &str, ns: &str) -> Result<Option<u64>>;
 

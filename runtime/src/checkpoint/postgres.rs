@@ -13,13 +13,16 @@
 //!   Otherwise, or once the lease's session is gone, the fenced statement: the thread row locked
 //!   FOR SHARE with the lease's epoch, the same head check, the rows. That statement takes a
 //!   batch of commits of different threads ([`PostgresCheckpointer::commit_batch`]).
+//! - A lazy commit (a run's admission on an existing thread) runs on the lease session without
+//!   waiting for its WAL flush, as the take does; the lease's next durable commit, or its flush
+//!   as the run ends, makes both durable.
 //! - A namespace's head is its newest checkpoint: ids only grow within a thread.
 //! - A load is at most two round trips: the checkpoint, then every blob it needs (a delta chain
 //!   in one range scan).
 
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -263,6 +266,9 @@ struct HeldLock {
     /// The heads this lease knows: while it holds the lock no other runner commits to the thread,
     /// so each head it committed or read stays the head until its next commit.
     heads: Mutex<KnownHeads>,
+    /// Whether something this lease stored may not be durable yet: its take, or a lazy commit
+    /// ([`Checkpointer::commit_lazy`]), with no durable commit since.
+    unflushed: AtomicBool,
 }
 
 /// Heads of a thread known to its lease holder, and where no pending write is stored.
@@ -579,6 +585,38 @@ const LEASED_APPEND_SQL: &str = concat!(
 /// commit statement.
 const LEASED_INSERT_SQL: &str = leased_insert!();
 
+/// The insert of [`LEASED_APPEND_LAZY_SQL`] and [`LEASED_INSERT_LAZY_SQL`]: [`leased_insert!`]'s
+/// row, selected from the `lazy` CTE so that it runs, which switches `synchronous_commit` off
+/// for this transaction only.
+macro_rules! leased_insert_lazy {
+    () => {
+        r"lazy AS (
+    SELECT set_config('synchronous_commit', 'off', true)
+)
+INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
+SELECT $1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11 FROM lazy"
+    };
+}
+
+/// [`LEASED_APPEND_SQL`] committed without waiting for the WAL flush
+/// ([`Checkpointer::commit_lazy`]).
+const LEASED_APPEND_LAZY_SQL: &str = concat!(
+    r"WITH folded AS (
+    DELETE FROM agentic.writes x WHERE x.tid = $1 AND x.ns = $2 AND x.checkpoint <= $4
+),
+",
+    leased_insert_lazy!()
+);
+
+/// [`LEASED_INSERT_SQL`] committed without waiting for the WAL flush
+/// ([`Checkpointer::commit_lazy`]).
+const LEASED_INSERT_LAZY_SQL: &str = concat!("WITH ", leased_insert_lazy!());
+
+/// Makes everything committed before it durable: a transaction that writes commits durably
+/// (`synchronous_commit` on), and its WAL flush covers every commit logged before it. One that
+/// writes nothing would not wait for a flush.
+const FLUSH_SQL: &str = "UPDATE agentic.threads SET updated_at = now() WHERE tid = $1";
+
 /// The blobs of a commit as the checkpoint row's arrays (channels, bases, bytes; `None` if there
 /// are none), if every one is a version of that checkpoint: a commit flushing several held
 /// steps (durability "exit") also writes versions of the steps before.
@@ -658,7 +696,8 @@ bumped AS (
 /// only): a bump or admission lost in a server crash takes with it every later commit of its
 /// holder (the WAL is flushed in order, so the holder's first durable commit makes it durable
 /// too), and that holder's next commits are refused as fenced. No step is reported done before
-/// one of its own commits is durable. Safe, and one fsync less per acquire. The upsert
+/// one of its own commits is durable, and a run that ends before any flushes
+/// ([`Checkpointer::flush`]). Safe, and one fsync less per acquire. The upsert
 /// works on the newest thread row (it waits for a commit holding it FOR SHARE); the highest
 /// checkpoint id is read by the next statement, whose snapshot sees that commit.
 const TAKE_SQL: &str = concat!(
@@ -795,6 +834,32 @@ impl PostgresCheckpointer {
     /// The connection pool.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// [`Checkpointer::commit`], or with `lazy` [`Checkpointer::commit_lazy`]: lazy only on the
+    /// lease's session, alone; anywhere else the commit is durable.
+    async fn commit_with(&self, lease: &Lease, commit: &StepCommit, lazy: bool) -> Result<()> {
+        if let Some(committer) = &self.committer {
+            // No statement in flight: no other commit to share one with, so commit here rather
+            // than hand over to a committer task (a wake-up of another worker thread each way).
+            if let Some(_counted) = InFlight::enter_alone(&self.in_flight) {
+                if let Some(result) = self.leased_commit(lease, commit, lazy).await {
+                    return result;
+                }
+                let result = self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()));
+                return settled(lease, commit, result);
+            }
+            let (reply, answer) = oneshot::channel();
+            let job = CommitJob { lease: lease.fencing_copy(), commit: commit.clone(), reply };
+            if committer.send(job).is_ok()
+                && let Ok(result) = answer.await
+            {
+                return settled(lease, commit, result);
+            }
+            // The committer is gone (its runtime shut down): commit directly.
+        }
+        let result = self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()));
+        settled(lease, commit, result)
     }
 
     /// Commits several super-steps, each as [`Checkpointer::commit`] would, in as few statements
@@ -942,7 +1007,7 @@ impl PostgresCheckpointer {
     /// knows the head the step built on is current, [`LEASED_COMMIT_SQL`] otherwise. `None` if it
     /// cannot go there: the lease is not one of this checkpointer's, its session is gone (the
     /// lock with it: the fenced statement decides), or its blobs do not fit in its row.
-    async fn leased_commit(&self, lease: &Lease, commit: &StepCommit) -> Option<Result<()>> {
+    async fn leased_commit(&self, lease: &Lease, commit: &StepCommit, lazy: bool) -> Option<Result<()>> {
         let held = lease.guard::<HeldLock>()?;
         let tid = lease.handle?;
         // Only for a lone runner: the session also takes and releases every lease, which would
@@ -963,10 +1028,14 @@ impl PostgresCheckpointer {
             return None;
         }
         let conn = guard.1.as_mut()?;
-        let sql = match (known, fold) {
-            (true, false) => LEASED_INSERT_SQL,
-            (true, true) => LEASED_APPEND_SQL,
-            (false, _) => LEASED_COMMIT_SQL,
+        // Lazy only where the head is known: the others are a lease's first commits after a
+        // refusal, durable as any commit may be.
+        let sql = match (known, fold, lazy) {
+            (true, false, false) => LEASED_INSERT_SQL,
+            (true, false, true) => LEASED_INSERT_LAZY_SQL,
+            (true, true, false) => LEASED_APPEND_SQL,
+            (true, true, true) => LEASED_APPEND_LAZY_SQL,
+            (false, _, _) => LEASED_COMMIT_SQL,
         };
         let query = sqlx::query(sql).bind(tid).bind(&commit.ns);
         let query = bind_row(query, ckpt, body, metadata, blobs);
@@ -993,6 +1062,7 @@ impl PostgresCheckpointer {
         drop(guard);
         if won {
             held.settle(&commit.ns, Some(ckpt.id), Some(seen));
+            held.unflushed.store(lazy && known, Ordering::Release);
             return Some(Ok(()));
         }
         held.settle(&commit.ns, None, None);
@@ -1163,7 +1233,14 @@ impl PostgresCheckpointer {
         };
         // An existing thread may hold pending writes (of its head, or left by a killed runner).
         known.heads.insert(String::new(), Known { head: root, clean_at: born });
-        let guard = HeldLock { session: Arc::clone(&self.leases), key, generation, heads: Mutex::new(known) };
+        // The take committed without waiting for the WAL flush (see [`TAKE_SQL`]).
+        let guard = HeldLock {
+            session: Arc::clone(&self.leases),
+            key,
+            generation,
+            heads: Mutex::new(known),
+            unflushed: AtomicBool::new(true),
+        };
         let lease = Lease::new(request.thread, request.owner, epoch, max_seq, Some(Box::new(guard)));
         Ok((lease.with_handle(taken.tid), admitted, head))
     }
@@ -1353,6 +1430,9 @@ fn settled(lease: &Lease, commit: &StepCommit, result: Result<()>) -> Result<()>
     if let Some(held) = lease.guard::<HeldLock>() {
         // Folded, but writes may have been counted while the statement ran: not known clean.
         held.settle(&commit.ns, result.is_ok().then_some(commit.checkpoint.id), None);
+        if result.is_ok() {
+            held.unflushed.store(false, Ordering::Release); // a durable commit: WAL flushed up to it
+        }
     }
     result
 }
@@ -1407,27 +1487,24 @@ impl Checkpointer for PostgresCheckpointer {
     }
 
     async fn commit(&self, lease: &Lease, commit: &StepCommit) -> Result<()> {
-        if let Some(committer) = &self.committer {
-            // No statement in flight: no other commit to share one with, so commit here rather
-            // than hand over to a committer task (a wake-up of another worker thread each way).
-            if let Some(_counted) = InFlight::enter_alone(&self.in_flight) {
-                if let Some(result) = self.leased_commit(lease, commit).await {
-                    return result;
-                }
-                let result = self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()));
-                return settled(lease, commit, result);
-            }
-            let (reply, answer) = oneshot::channel();
-            let job = CommitJob { lease: lease.fencing_copy(), commit: commit.clone(), reply };
-            if committer.send(job).is_ok()
-                && let Ok(result) = answer.await
-            {
-                return settled(lease, commit, result);
-            }
-            // The committer is gone (its runtime shut down): commit directly.
+        self.commit_with(lease, commit, false).await
+    }
+
+    async fn commit_lazy(&self, lease: &Lease, commit: &StepCommit) -> Result<()> {
+        self.commit_with(lease, commit, true).await
+    }
+
+    async fn flush(&self, lease: &Lease) -> Result<()> {
+        let (Some(held), Some(tid)) = (lease.guard::<HeldLock>(), lease.handle) else { return Ok(()) };
+        if !held.unflushed.swap(false, Ordering::AcqRel) {
+            return Ok(());
         }
-        let result = self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()));
-        settled(lease, commit, result)
+        let flushed = sqlx::query(FLUSH_SQL).bind(tid).execute(&self.pool).await;
+        if let Err(err) = flushed {
+            held.unflushed.store(true, Ordering::Release);
+            return Err(pg_error("flush")(err));
+        }
+        Ok(())
     }
 
     async fn head(&self, thread: &str, ns: &str) -> Result<Option<u64>> {
