@@ -1050,8 +1050,8 @@ impl<'a> Loop<'a> {
         }
     }
 
-    /// Commits a checkpoint now; `lazy`: [`crate::checkpoint::Checkpointer::commit_lazy`], made durable by the next
-    /// durable commit or by [`Loop::flush`].
+    /// Commits a checkpoint now. `lazy`: with [`crate::checkpoint::Checkpointer::commit_lazy`],
+    /// made durable by the next durable commit or by [`Loop::flush`].
     async fn commit_now(&mut self, checkpoint: NewCheckpoint, blobs: Vec<ChannelBlob>, lazy: bool) -> Result<()> {
         self.settle().await?;
         let (id, step) = (checkpoint.id, checkpoint.step);
