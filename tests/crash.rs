@@ -117,8 +117,8 @@ async fn a_new_run_killed_in_its_first_node_goes_on_from_its_admission() {
     assert_eq!(first["round"], Value::from(1));
 
     let before = executions_of(&db, "again").await;
-    let held = [&shape[..], &["--hold-ms", "60000", "run", "--again"]].concat();
-    let mut child = probe_cmd(&db, "again", &held).spawn().unwrap();
+    let again = [&shape[..], &["--hold-ms", "60000", "run", "--again"]].concat();
+    let mut child = probe_cmd(&db, "again", &again).spawn().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while executions_of(&db, "again").await == before {
         assert!(!child_finished(&mut child), "the new run ended before its first node");
