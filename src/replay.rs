@@ -14,7 +14,8 @@ use agentic_runtime::{Error, Result, SharedCheckpointer};
 use async_trait::async_trait;
 
 /// A store that keeps a copy of every commit it passes on, the admission a run's `begin`
-/// offered first.
+/// offered first. A lazy commit is kept as a commit (a replay commits it durably: the chain it
+/// records, on fresh threads, makes none).
 pub struct Recorder {
     inner: SharedCheckpointer,
     commits: Mutex<Vec<StepCommit>>,

@@ -491,12 +491,10 @@ async fn a_commit_with_a_superseded_lease_is_refused_and_stores_nothing(store: &
 /// `flush` after it, after a durable commit, or twice in a row succeeds.
 async fn a_lazy_commit_is_stored_folded_and_refused_like_any_commit(store: &dyn Checkpointer) {
     let first = lease(store, "t", "runner-a").await;
-    let mut chain = Chain::new("t", "");
-    let one = chain.next(&first).set("x", &json!(1)).build();
+    let one = Chain::new("t", "").next(&first).set("x", &json!(1)).build();
     store.commit_lazy(&first, &one).await.unwrap();
     store.flush(&first).await.unwrap();
     store.flush(&first).await.unwrap();
-    chain.head = Some(one.checkpoint.id);
     let parent = one.checkpoint.id;
     store.put_writes(step("t", parent), &[write("a", WriteKind::Output, "", &json!(2))]).await.unwrap();
     let two = Commit::new("t", first.next_checkpoint_id())
