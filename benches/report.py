@@ -109,6 +109,19 @@ class Run:
         return out
 
     def table(self):
+        def start_mean(line):
+            return ((line or {}).get("start_latency") or {}).get("mean_us")
+
+        def step_after_start(line):
+            # Mean µs per node-step once a run has started: invoke time less its start, per node.
+            invoke = ((line or {}).get("invoke_latency") or {}).get("mean_us")
+            start, nodes = start_mean(line), (line or {}).get("nodes_per_invoke_measured")
+            return None if None in (invoke, start) or not nodes else (invoke - start) / nodes
+
+        def us_per_commit(pgb):
+            tps = (pgb or {}).get("tps")
+            return 1e6 / tps if tps else None
+
         """Rows of results.json: per (row, regime), medians over the rounds of that regime."""
         by = defaultdict(list)
         for cell in self.cells():
@@ -138,6 +151,9 @@ class Run:
                 "ours_step_p50_us": median([((c["ours"] or {}).get("step_latency") or {}).get("p50_us") for c in cells]),
                 "ours_step_p99_us": median([((c["ours"] or {}).get("step_latency") or {}).get("p99_us") for c in cells]),
                 "ours_checkpoints_per_s": median([(c["ours"] or {}).get("checkpoints_per_s") for c in cells]),
+                "ours_start_mean_us": median([start_mean(c["ours"]) for c in cells]),
+                "ratio_vs_pgbench_after_start": median([ratio(us_per_commit(c["pgb"]), step_after_start(c["ours"]))
+                                                        for c in cells]) if comparable else None,
                 "langgraph_saver": (cells[0]["lg"] or {}).get("saver"),
             })
         for r in rows:
@@ -243,8 +259,11 @@ def render(run, rows):
         x = r["ratio_vs_pgbench"]
         rounds = r.get("ratio_vs_pgbench_rounds") or []
         spread = f"; rounds {fmt(min(rounds), 2)} to {fmt(max(rounds), 2)}" if len(rounds) > 1 else ""
+        after = r.get("ratio_vs_pgbench_after_start")
+        split = (f"; a run's start (lease and admission, before its first node) {fmt(r['ours_start_mean_us'], 0)} µs "
+                 f"per invoke of 10 node-steps, its steps alone {fmt(after, 2)} ×") if after is not None else ""
         md.append(f"| PostgreSQL, 1 thread: ≥ 0.9 × pgbench 1 client | {regime_ms(r)} | {fmt(x, 2)} × "
-                  f"({fmt(r['ours_steps_per_s'])} vs {fmt(r['pgbench_tps'])}{spread}) "
+                  f"({fmt(r['ours_steps_per_s'])} vs {fmt(r['pgbench_tps'])}{spread}{split}) "
                   f"| {verdict(None if x is None else x >= 0.9)} |")
     for r in rows_for("chain", "postgres", 64):
         a, b = r["ratio_vs_langgraph"], r["ratio_vs_pgbench"]
@@ -328,8 +347,10 @@ def render(run, rows):
               "the same commits without the engine (one chain invoke's admission and step commits, recorded, then "
               "replayed on fresh threads straight into the store for as long: the same rows, statements and round "
               "trips, with no node run, no step applied, no value encoded; the store still encodes each "
-              "checkpoint's body and metadata), which splits a step between the engine and the store; then a "
-              "shorter run with sqlx's statement log on, counting the statements (one round trip each once "
+              "checkpoint's body and metadata), which splits a step between the engine and the store; on "
+              "PostgreSQL, the floor under both: the chain's step rows as stored, inserted again through sqlx alone "
+              "(plain connections, one per thread, one durable INSERT per commit: no engine, no store code, no lease "
+              "statement); then a shorter run with sqlx's statement log on, counting the statements (one round trip each once "
               "prepared) per node-step, with their mean client-observed latency.\n")
     for p in [l for l in run.measures if l.get("harness") == "agentic" and l.get("case") == "profile"]:
         s = p["per_node_step_us"]
@@ -337,17 +358,27 @@ def render(run, rows):
         md.append(f"### {p['backend']}, {p['threads']} thread(s): {fmt(p['node_steps_per_s'])} node-steps/s\n")
         alone = p.get("store_alone") or {}
         a = alone.get("per_commit_us") or {}
-        md.append("| per node-step, µs | chain (engine and store) | its commits alone (store, no engine) |")
-        md.append("|---|---|---|")
-        md.append(f"| wall (elapsed / node-steps) | {fmt(s['wall'], 1)} | {fmt(a.get('wall'), 1)} |")
-        md.append(f"| client CPU (this process) | {fmt(s['client_cpu'], 1)} | {fmt(a.get('client_cpu'), 1)} |")
+        driver = p.get("driver_alone") or {}
+        d = driver.get("per_commit_us") or {}
+        # The driver's column only where it was measured (PostgreSQL).
+        dcol = (lambda cell: f" {cell} |") if driver else (lambda cell: "")
+        md.append("| per node-step, µs | chain (engine and store) | its commits alone (store, no engine) |"
+                  + dcol("its step rows alone (sqlx, no store, no lease)"))
+        md.append("|---|---|---|" + ("---|" if driver else ""))
+        md.append(f"| wall (elapsed / node-steps) | {fmt(s['wall'], 1)} | {fmt(a.get('wall'), 1)} |"
+                  + dcol(fmt(d.get('wall'), 1)))
+        md.append(f"| client CPU (this process) | {fmt(s['client_cpu'], 1)} | {fmt(a.get('client_cpu'), 1)} |"
+                  + dcol(fmt(d.get('client_cpu'), 1)))
         if s.get("postgres_cpu") is not None:
-            md.append(f"| PostgreSQL CPU (all its processes) | {fmt(s['postgres_cpu'], 1)} | {fmt(a.get('postgres_cpu'), 1)} |")
+            md.append(f"| PostgreSQL CPU (all its processes) | {fmt(s['postgres_cpu'], 1)} | "
+                      f"{fmt(a.get('postgres_cpu'), 1)} |" + dcol(fmt(d.get('postgres_cpu'), 1)))
         if s.get("wal_fsync") is not None:
             md.append(f"| WAL fsync ({fmt(wal.get('syncs_per_node_step'), 3)} fsyncs/step × "
-                      f"{fmt(wal.get('ms_per_wal_sync'), 3)} ms) | {fmt(s['wal_fsync'], 1)} | – |")
-        md.append(f"| machine CPU busy during the run | {fmt(p['machine_cpu_busy_pct'], 1)} % of {start.get('cores', '?')} cores | – |")
-        md.append(f"| steps (commits) per second | {fmt(p['node_steps_per_s'])} | {fmt(alone.get('commits_per_s'))} |")
+                      f"{fmt(wal.get('ms_per_wal_sync'), 3)} ms) | {fmt(s['wal_fsync'], 1)} | – |" + dcol("–"))
+        md.append(f"| machine CPU busy during the run | {fmt(p['machine_cpu_busy_pct'], 1)} % of "
+                  f"{start.get('cores', '?')} cores | – |" + dcol("–"))
+        md.append(f"| steps (commits) per second | {fmt(p['node_steps_per_s'])} | {fmt(alone.get('commits_per_s'))} |"
+                  + dcol(fmt(driver.get('commits_per_s'))))
         md.append("")
         if wal:
             md.append(f"Commits (pg_stat_database, read-only included): {fmt(wal.get('db_commits_per_node_step'), 3)} per "

@@ -56,6 +56,9 @@ const STEP_LATENCY_METHOD: &str = "interval between the starts of consecutive su
      (first node start of step k to first node start of step k+1: the node, the step's apply and its commit); \
      the admission before the first node and the last commit are in invoke_latency only";
 
+const START_LATENCY_METHOD: &str = "from the call to invoke to the start of its first node: the run's lease \
+     (a round trip: lock, thread row, and on a new thread its admission) and building the admission";
+
 /// mimalloc: a step allocates and frees many small values (keys, JSON, encoded payloads), and
 /// glibc's malloc and free were about a quarter of the memory backend's instructions per step.
 /// Built without transparent huge pages (`no_thp`: no `MADV_HUGEPAGE` on its regions, as
@@ -363,6 +366,9 @@ struct ClockInner {
     current: Option<(u64, Instant)>,
     intervals_ns: Vec<u64>,
     nodes: u64,
+    /// When the invoke in progress started, until its first node starts.
+    invoked: Option<Instant>,
+    starts_ns: Vec<u64>,
 }
 
 impl StepClock {
@@ -371,7 +377,9 @@ impl StepClock {
     }
 
     fn begin_invoke(&self) {
-        self.lock().current = None;
+        let mut inner = self.lock();
+        inner.current = None;
+        inner.invoked = Some(Instant::now());
     }
 
     fn mark(&self, step: u64) {
@@ -384,13 +392,24 @@ impl StepClock {
                 inner.intervals_ns.push((now - at).as_nanos() as u64);
                 inner.current = Some((step, now));
             }
-            None => inner.current = Some((step, now)),
+            None => {
+                inner.current = Some((step, now));
+                if let Some(invoked) = inner.invoked.take() {
+                    inner.starts_ns.push((now - invoked).as_nanos() as u64);
+                }
+            }
         }
     }
 
-    fn take(&self) -> (u64, Vec<u64>) {
+    /// Node starts, step intervals and start latencies since the last call.
+    fn take(&self) -> (u64, Vec<u64>, Vec<u64>) {
         let mut inner = self.lock();
-        (std::mem::take(&mut inner.nodes), std::mem::take(&mut inner.intervals_ns))
+        let inner = &mut *inner;
+        (
+            std::mem::take(&mut inner.nodes),
+            std::mem::take(&mut inner.intervals_ns),
+            std::mem::take(&mut inner.starts_ns),
+        )
     }
 }
 
@@ -564,6 +583,7 @@ struct RepFigures {
     nodes: u64,
     intervals_ns: Vec<u64>,
     invoke_ns: Vec<u64>,
+    starts_ns: Vec<u64>,
 }
 
 impl Bench {
@@ -698,18 +718,25 @@ impl Bench {
                     invoke_ns.push(t.elapsed().as_nanos() as u64);
                     i += 1;
                 }
-                let (nodes, intervals_ns) = clock.take();
-                Ok::<_, agentic_runtime::Error>((i, nodes, intervals_ns, invoke_ns))
+                let (nodes, intervals_ns, starts_ns) = clock.take();
+                Ok::<_, agentic_runtime::Error>((i, nodes, intervals_ns, invoke_ns, starts_ns))
             }));
         }
-        let mut figures =
-            RepFigures { secs: 0.0, invokes: 0, nodes: 0, intervals_ns: Vec::new(), invoke_ns: Vec::new() };
+        let mut figures = RepFigures {
+            secs: 0.0,
+            invokes: 0,
+            nodes: 0,
+            intervals_ns: Vec::new(),
+            invoke_ns: Vec::new(),
+            starts_ns: Vec::new(),
+        };
         for handle in handles {
-            let (invokes, nodes, intervals, invoke_ns) = handle.await??;
+            let (invokes, nodes, intervals, invoke_ns, starts_ns) = handle.await??;
             figures.invokes += invokes;
             figures.nodes += nodes;
             figures.intervals_ns.extend(intervals);
             figures.invoke_ns.extend(invoke_ns);
+            figures.starts_ns.extend(starts_ns);
         }
         figures.secs = start.elapsed().as_secs_f64();
         Ok(figures)
@@ -726,6 +753,7 @@ impl Bench {
     ) -> Value {
         let mut intervals = f.intervals_ns.clone();
         let mut invokes = f.invoke_ns.clone();
+        let mut starts = f.starts_ns.clone();
         let steps_per_s = f.nodes as f64 / f.secs;
         let ms_per_wal_sync = wal.as_ref().and_then(|w| w.ms_per_sync);
         json!({
@@ -748,8 +776,16 @@ impl Bench {
                 "p99_us": percentile_us(&mut intervals, 0.99),
                 "max_us": intervals.last().map(|&ns| round2(ns as f64 / 1e3)),
             },
+            "start_latency": {
+                "method": START_LATENCY_METHOD,
+                "samples": starts.len(),
+                "mean_us": mean_us(&starts),
+                "p50_us": percentile_us(&mut starts, 0.50),
+                "p99_us": percentile_us(&mut starts, 0.99),
+            },
             "invoke_latency": {
                 "samples": invokes.len(),
+                "mean_us": mean_us(&invokes),
                 "p50_us": percentile_us(&mut invokes, 0.50),
                 "p99_us": percentile_us(&mut invokes, 0.99),
                 "per_node_step_p50_us": percentile_us(&mut invokes, 0.50)
@@ -976,6 +1012,10 @@ impl Bench {
         let total = machine1.1 - machine0.1;
 
         let store_alone = self.store_alone(&args, figures.secs).await?;
+        let driver_alone = match self.common.backend {
+            Backend::Postgres => self.driver_alone(&args, figures.secs).await?,
+            _ => Value::Null,
+        };
 
         // Last run: statements per step from the statement log (its own overhead is not timed).
         let statements = if self.common.backend == Backend::Postgres {
@@ -1031,6 +1071,7 @@ impl Bench {
             "client_cpu_ms_total": round2(cpu1 - cpu0),
             "wal": wal.map(|w| w.to_json(figures.nodes, figures.secs)),
             "store_alone": store_alone,
+            "driver_alone": driver_alone,
             "statements": statements,
             "tags": self.tags(),
         });
@@ -1090,7 +1131,108 @@ impl Bench {
             },
         }))
     }
+
+    /// `profile`'s floor on PostgreSQL: the chain's step rows as the store wrote them (read back from
+    /// [`Bench::store_alone`]'s threads), inserted again through sqlx on plain connections, one per
+    /// thread: one `INSERT` per commit, each committed durably, prepared and with binary parameters
+    /// as the store's; no engine, no store code, no lease statement. What the driver and the server
+    /// cost for one durable commit per step, which the chain and the store are measured against.
+    async fn driver_alone(&mut self, args: &LoadArgs, secs: f64) -> anyhow::Result<Value> {
+        type Row = (Vec<u8>, String, Option<Vec<String>>, Option<Vec<Option<i64>>>, Option<Vec<Vec<u8>>>);
+        let pg = self.pg.as_mut().context("driver_alone needs PostgreSQL")?;
+        // One replayed run's step rows (its admission, step -1, rides on the lease statement).
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT body, metadata::text, channels, bases, data FROM agentic.checkpoints
+             WHERE tid = (SELECT min(tid) FROM agentic.checkpoints) AND ns = '' AND step >= 0 ORDER BY id",
+        )
+        .fetch_all(&mut pg.admin)
+        .await?;
+        if rows.is_empty() {
+            bail!("driver_alone: no step rows stored by the replay to insert again");
+        }
+        let rows = Arc::new(rows);
+        let options = PgConnectOptions::from_str(&self.common.database)?
+            .options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")]);
+        let mut connections = Vec::with_capacity(args.threads);
+        for _ in 0..args.threads {
+            connections.push(options.connect().await?);
+        }
+        eprintln!("[agentic-bench] profile: the chain's step rows inserted through sqlx alone for {secs:.1} s");
+        let insert_for = |secs: f64, connections: Vec<PgConnection>, first_tid: i64| {
+            let deadline = Instant::now() + Duration::from_secs_f64(secs);
+            let tasks: Vec<_> = connections
+                .into_iter()
+                .enumerate()
+                .map(|(w, mut conn)| {
+                    let rows = Arc::clone(&rows);
+                    tokio::spawn(async move {
+                        let mut commits = 0u64;
+                        // Negative thread ids: no clash with the store's, which count up from 1.
+                        let mut tid = first_tid - (w as i64) * 1_000_000_000;
+                        while Instant::now() < deadline {
+                            for (i, (body, metadata, channels, bases, data)) in rows.iter().enumerate() {
+                                let id = i as i64 + 2;
+                                sqlx::query(DRIVER_INSERT_SQL)
+                                    .bind(tid)
+                                    .bind("")
+                                    .bind(id)
+                                    .bind(id - 1)
+                                    .bind(i as i64)
+                                    .bind("loop")
+                                    .bind(body.as_slice())
+                                    .bind(metadata.as_str())
+                                    .bind(channels.as_deref())
+                                    .bind(bases.as_deref())
+                                    .bind(data.as_deref())
+                                    .execute(&mut conn)
+                                    .await?;
+                                commits += 1;
+                            }
+                            tid -= 1;
+                        }
+                        anyhow::Ok((commits, conn))
+                    })
+                })
+                .collect();
+            async move {
+                let (mut commits, mut connections) = (0, Vec::new());
+                for task in tasks {
+                    let (n, conn) = task.await??;
+                    commits += n;
+                    connections.push(conn);
+                }
+                anyhow::Ok((commits, connections))
+            }
+        };
+        let (_, connections) = insert_for(secs.min(1.0) / 2.0, connections, -1).await?;
+        let (cpu0, server0, t) = (process_cpu_ms(), postgres_cpu_ms(), Instant::now());
+        let (commits, connections) = insert_for(secs, connections, -500_000_000).await?;
+        let (cpu1, server1, elapsed) = (process_cpu_ms(), postgres_cpu_ms(), t.elapsed().as_secs_f64());
+        for conn in connections {
+            let _ = conn.close().await;
+        }
+        let n = commits.max(1) as f64;
+        Ok(json!({
+            "what": "the chain's step rows as the store wrote them, inserted again through sqlx on plain connections \
+                (one per thread): one INSERT per commit, committed durably, prepared, binary parameters; no engine, \
+                no store code, no lease statement",
+            "secs": round2(elapsed),
+            "commits": commits,
+            "commits_per_s": round2(n / elapsed),
+            "per_commit_us": {
+                "wall": round2(elapsed * 1e6 / n),
+                "client_cpu": round2((cpu1 - cpu0) * 1e3 / n),
+                "postgres_cpu": round2((server1 - server0) * 1e3 / n),
+            },
+        }))
+    }
 }
+
+/// [`Bench::driver_alone`]'s statement: the store's lone step commit (a checkpoint row with its
+/// values), parameter for parameter.
+const DRIVER_INSERT_SQL: &str = "INSERT INTO agentic.checkpoints \
+    (tid, ns, id, parent, step, source, body, metadata, channels, bases, data) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11)";
 
 /// Times `f` `n` times; min and median in milliseconds.
 async fn time_ms<F, Fut>(n: usize, mut f: F) -> anyhow::Result<Value>
@@ -1113,6 +1255,11 @@ where
         f64::midpoint(times[times.len() / 2 - 1], times[times.len() / 2])
     };
     Ok(json!({"min_ms": round3(times.first().copied().unwrap_or(0.0)), "median_ms": round3(median)}))
+}
+
+/// Mean of nanosecond samples, in microseconds.
+fn mean_us(samples: &[u64]) -> Option<f64> {
+    (!samples.is_empty()).then(|| round2(samples.iter().sum::<u64>() as f64 / samples.len() as f64 / 1e3))
 }
 
 /// Nearest-rank percentile of nanosecond samples, in microseconds; sorts the samples.
