@@ -3,7 +3,6 @@
 //! never depends on which task finished first.
 
 use std::borrow::Cow;
-use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -75,7 +74,8 @@ pub(crate) fn task_id(ns: &str, checkpoint: u64, path: &TaskPath) -> String {
         pair[0] = HEX[usize::from(byte >> 4)];
         pair[1] = HEX[usize::from(byte & 15)];
     }
-    String::from_utf8_lossy(&hex).into_owned()
+    // ASCII digits: each byte is its char (no UTF-8 validation to run).
+    hex.iter().map(|&b| char::from(b)).collect()
 }
 
 /// The tasks a checkpoint schedules, in path order.
@@ -281,17 +281,18 @@ pub(crate) fn apply_step(
     for (name, writes) in grouped {
         let channel = name.as_str();
         let spec = graph.channels.get(channel).ok_or_else(|| Error::channel(channel, "no such channel"))?;
-        // The key comes back out with the value and goes back in with the new one.
-        let (key, current) = match values.remove_entry(channel) {
-            Some((key, v)) => (key, Some(Arc::try_unwrap(v).unwrap_or_else(|shared| Value::clone(&shared)))),
-            None => (name.clone(), None),
-        };
+        // The value is taken out of its slot and the reduced one goes back in place: the map is
+        // searched once, and the slot's allocation is kept (a value still shared with a
+        // snapshot is copied first, as it must be to be changed).
+        let mut slot = values.get_mut(channel);
+        let current = slot.as_deref_mut().map(|v| std::mem::take(Arc::make_mut(v)));
         let reduced = spec.reduce(channel, current, writes)?;
         // The version this step replaces (each channel is written once here, so the slot still
         // holds the previous body's). A delta extends a stored row, never an inline value, nor a
         // delta stored before segments existed (its chain's length is unknown: the whole value
         // starts a new one).
-        let previous = body.versions.get(channel).filter(|v| v.i.is_none() && (!v.d || v.segment.is_some()));
+        let version_slot = body.versions.get_mut(channel);
+        let previous = version_slot.as_deref().filter(|v| v.i.is_none() && (!v.d || v.segment.is_some()));
         let (value, blob, version) = match (reduced, previous) {
             (Reduced::Appended { value, items }, Some(previous)) => {
                 let (blob, version) = append_row(channel, new_id, previous, &value, &items, close_segments)?;
@@ -309,14 +310,19 @@ pub(crate) fn apply_step(
                 }
             }
         };
+        match version_slot {
+            Some(version_slot) => *version_slot = version,
+            None => {
+                body.versions.insert(channel.to_owned(), version);
+            }
+        }
         if spec.is_ephemeral() {
             body.fresh.push(channel.to_owned());
         }
-        values.insert(key, Arc::new(value));
-        match body.versions.get_mut(channel) {
-            Some(slot) => *slot = version,
+        match slot {
+            Some(slot) => *Arc::make_mut(slot) = value,
             None => {
-                body.versions.insert(channel.to_owned(), version);
+                values.insert(name, Arc::new(value));
             }
         }
         blobs.extend(blob);
@@ -328,15 +334,14 @@ pub(crate) fn apply_step(
         }
     }
 
-    let mut pulls = BTreeSet::new();
+    // Nodes to pull next, sorted and once each (a step usually routes to one or two).
+    let mut pulls = Vec::new();
     let mut pushes = Vec::new();
     for (node, goto) in routes {
         for goto in goto {
             match goto {
                 Goto::Node { node: target } if target == END => {}
-                Goto::Node { node: target } => {
-                    pulls.insert(target);
-                }
+                Goto::Node { node: target } => pulls.push(target),
                 Goto::Send { node: target, arg } => {
                     pushes.push(PendingTask::Push { node: target, arg });
                 }
@@ -351,11 +356,13 @@ pub(crate) fn apply_step(
                 }
                 if sources.iter().all(|s| arrived.contains(s)) {
                     body.barriers.remove(target);
-                    pulls.insert(target.clone());
+                    pulls.push(target.clone());
                 }
             }
         }
     }
+    pulls.sort_unstable();
+    pulls.dedup();
     body.next = pulls.into_iter().map(|node| PendingTask::Pull { node }).chain(pushes).collect();
     Ok(Applied { body, blobs })
 }
@@ -397,6 +404,8 @@ pub(crate) fn input_output(graph: &GraphInner, snapshot: &State, input: Update) 
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use serde_json::json;
 
     use super::*;
