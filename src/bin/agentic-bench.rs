@@ -1115,21 +1115,16 @@ impl Bench {
         let (cpu0, server0, t) = (process_cpu_ms(), postgres_cpu_ms(), Instant::now());
         let commits = replay_for(secs, "store-alone").await?;
         let (cpu1, server1, elapsed) = (process_cpu_ms(), postgres_cpu_ms(), t.elapsed().as_secs_f64());
-        let n = commits.max(1) as f64;
-        Ok(json!({
-            "what": "one chain invoke's commits (admission with the lease, then 10 step commits) replayed on fresh \
+        Ok(per_commit_figures(
+            "one chain invoke's commits (admission with the lease, then 10 step commits) replayed on fresh \
                 threads straight into the store: the chain's rows, statements and round trips, without the engine \
                 (no node run, no step applied, no value encoded; the store still encodes each checkpoint's body \
                 and metadata, as it does for the chain)",
-            "secs": round2(elapsed),
-            "commits": commits,
-            "commits_per_s": round2(n / elapsed),
-            "per_commit_us": {
-                "wall": round2(elapsed * 1e6 / n),
-                "client_cpu": round2((cpu1 - cpu0) * 1e3 / n),
-                "postgres_cpu": (self.common.backend == Backend::Postgres).then(|| round2((server1 - server0) * 1e3 / n)),
-            },
-        }))
+            commits,
+            elapsed,
+            cpu1 - cpu0,
+            (self.common.backend == Backend::Postgres).then_some(server1 - server0),
+        ))
     }
 
     /// `profile`'s floor on PostgreSQL: the chain's step rows as the store wrote them (read back from
@@ -1211,21 +1206,33 @@ impl Bench {
         for conn in connections {
             let _ = conn.close().await;
         }
-        let n = commits.max(1) as f64;
-        Ok(json!({
-            "what": "the chain's step rows as the store wrote them, inserted again through sqlx on plain connections \
+        Ok(per_commit_figures(
+            "the chain's step rows as the store wrote them, inserted again through sqlx on plain connections \
                 (one per thread): one INSERT per commit, committed durably, prepared, binary parameters; no engine, \
                 no store code, no lease statement",
-            "secs": round2(elapsed),
-            "commits": commits,
-            "commits_per_s": round2(n / elapsed),
-            "per_commit_us": {
-                "wall": round2(elapsed * 1e6 / n),
-                "client_cpu": round2((cpu1 - cpu0) * 1e3 / n),
-                "postgres_cpu": round2((server1 - server0) * 1e3 / n),
-            },
-        }))
+            commits,
+            elapsed,
+            cpu1 - cpu0,
+            Some(server1 - server0),
+        ))
     }
+}
+
+/// `profile`'s figures for commits made without the engine: `commits` in `elapsed` seconds, with
+/// this process's and PostgreSQL's CPU milliseconds over the same window, per commit.
+fn per_commit_figures(what: &str, commits: u64, elapsed: f64, client_ms: f64, server_ms: Option<f64>) -> Value {
+    let n = commits.max(1) as f64;
+    json!({
+        "what": what,
+        "secs": round2(elapsed),
+        "commits": commits,
+        "commits_per_s": round2(n / elapsed),
+        "per_commit_us": {
+            "wall": round2(elapsed * 1e6 / n),
+            "client_cpu": round2(client_ms * 1e3 / n),
+            "postgres_cpu": server_ms.map(|ms| round2(ms * 1e3 / n)),
+        },
+    })
 }
 
 /// [`Bench::driver_alone`]'s statement: the store's lone step commit (a checkpoint row with its
