@@ -27,6 +27,10 @@ fn assert_ran(lines: &[Value], case: &str, backend: &str) {
         assert_eq!(line["backend"], backend);
         assert!(line["node_steps"].as_u64().unwrap_or(0) > 0, "no step ran: {line}");
         assert!(line["node_steps_per_s"].as_f64().unwrap_or(0.0) > 0.0, "{line}");
+        // Every invoke's first node started once: one start latency per invoke.
+        assert_eq!(line["start_latency"]["samples"], line["invokes"], "{line}");
+        assert!(line["start_latency"]["mean_us"].as_f64().unwrap_or(0.0) > 0.0, "{line}");
+        assert!(line["invoke_latency"]["mean_us"].as_f64() >= line["start_latency"]["mean_us"].as_f64(), "{line}");
     }
 }
 
@@ -48,6 +52,14 @@ async fn quick_runs_on_postgres_print_json_with_the_wal_fsync_time() {
         let lines = bench(&["--backend", "postgres", "--database", &db.url, "--quick", case]);
         assert_ran(&lines, case, "postgres");
         assert!(lines.iter().all(|l| l.get("ms_per_wal_sync").is_some()), "{lines:?}");
+    }
+    // profile: the chain, its commits replayed into the store, and its step rows through bare sqlx.
+    let profile = bench(&["--backend", "postgres", "--database", &db.url, "--quick", "profile"]);
+    let line = &profile[0];
+    assert_eq!(line["case"], "profile");
+    for part in ["store_alone", "driver_alone"] {
+        assert!(line[part]["commits"].as_u64().unwrap_or(0) > 0, "{part} made no commit: {line}");
+        assert!(line[part]["per_commit_us"]["postgres_cpu"].as_f64().is_some(), "{line}");
     }
     db.drop_db().await;
 }
