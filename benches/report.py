@@ -109,6 +109,7 @@ class Run:
         return out
 
     def table(self):
+        """Rows of results.json: per (row, regime), medians over the rounds of that regime."""
         def start_mean(line):
             return ((line or {}).get("start_latency") or {}).get("mean_us")
 
@@ -122,7 +123,6 @@ class Run:
             tps = (pgb or {}).get("tps")
             return 1e6 / tps if tps else None
 
-        """Rows of results.json: per (row, regime), medians over the rounds of that regime."""
         by = defaultdict(list)
         for cell in self.cells():
             by[(cell["row"], cell["regime"])].append(cell)
@@ -350,8 +350,8 @@ def render(run, rows):
               "checkpoint's body and metadata), which splits a step between the engine and the store; on "
               "PostgreSQL, the floor under both: the chain's step rows as stored, inserted again through sqlx alone "
               "(plain connections, one per thread, one durable INSERT per commit: no engine, no store code, no lease "
-              "statement); then a shorter run with sqlx's statement log on, counting the statements (one round trip each once "
-              "prepared) per node-step, with their mean client-observed latency.\n")
+              "statement); then a shorter run with sqlx's statement log on, counting the statements (one round trip "
+              "each once prepared) per node-step, with their mean client-observed latency.\n")
     for p in [l for l in run.measures if l.get("harness") == "agentic" and l.get("case") == "profile"]:
         s = p["per_node_step_us"]
         wal = p.get("wal") or {}
