@@ -1133,12 +1133,21 @@ impl Bench {
     /// as the store's; no engine, no store code, no lease statement. What the driver and the server
     /// cost for one durable commit per step, which the chain and the store are measured against.
     async fn driver_alone(&mut self, args: &LoadArgs, secs: f64) -> anyhow::Result<Value> {
-        type Row = (Vec<u8>, String, Option<Vec<String>>, Option<Vec<Option<i64>>>, Option<Vec<Vec<u8>>>);
+        type Row = (
+            i64,
+            Option<i64>,
+            i64,
+            Vec<u8>,
+            String,
+            Option<Vec<String>>,
+            Option<Vec<Option<i64>>>,
+            Option<Vec<Vec<u8>>>,
+        );
         let pg = self.pg.as_mut().context("driver_alone needs PostgreSQL")?;
-        // One replayed run's step rows (its admission, step -1, rides on the lease statement).
+        // One replayed run's step rows (its admission, source `input`, rides on the lease statement).
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT body, metadata::text, channels, bases, data FROM agentic.checkpoints
-             WHERE tid = (SELECT min(tid) FROM agentic.checkpoints) AND ns = '' AND step >= 0 ORDER BY id",
+            "SELECT id, parent, step, body, metadata::text, channels, bases, data FROM agentic.checkpoints
+             WHERE tid = (SELECT min(tid) FROM agentic.checkpoints) AND ns = '' AND source = 'loop' ORDER BY id",
         )
         .fetch_all(&mut pg.admin)
         .await?;
@@ -1165,14 +1174,13 @@ impl Bench {
                         // Negative thread ids: no clash with the store's, which count up from 1.
                         let mut tid = first_tid - (w as i64) * 1_000_000_000;
                         while Instant::now() < deadline {
-                            for (i, (body, metadata, channels, bases, data)) in rows.iter().enumerate() {
-                                let id = i as i64 + 2;
+                            for (id, parent, step, body, metadata, channels, bases, data) in rows.iter() {
                                 sqlx::query(DRIVER_INSERT_SQL)
                                     .bind(tid)
                                     .bind("")
                                     .bind(id)
-                                    .bind(id - 1)
-                                    .bind(i as i64)
+                                    .bind(parent)
+                                    .bind(step)
                                     .bind("loop")
                                     .bind(body.as_slice())
                                     .bind(metadata.as_str())
