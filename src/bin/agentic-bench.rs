@@ -577,6 +577,7 @@ struct Bench {
 }
 
 /// One repetition's measured figures.
+#[derive(Default)]
 struct RepFigures {
     secs: f64,
     invokes: u64,
@@ -722,14 +723,7 @@ impl Bench {
                 Ok::<_, agentic_runtime::Error>((i, nodes, intervals_ns, invoke_ns, starts_ns))
             }));
         }
-        let mut figures = RepFigures {
-            secs: 0.0,
-            invokes: 0,
-            nodes: 0,
-            intervals_ns: Vec::new(),
-            invoke_ns: Vec::new(),
-            starts_ns: Vec::new(),
-        };
+        let mut figures = RepFigures::default();
         for handle in handles {
             let (invokes, nodes, intervals, invoke_ns, starts_ns) = handle.await??;
             figures.invokes += invokes;
