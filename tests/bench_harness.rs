@@ -31,6 +31,10 @@ fn assert_ran(lines: &[Value], case: &str, backend: &str) {
         assert_eq!(line["start_latency"]["samples"], line["invokes"], "{line}");
         assert!(line["start_latency"]["mean_us"].as_f64().unwrap_or(0.0) > 0.0, "{line}");
         assert!(line["invoke_latency"]["mean_us"].as_f64() >= line["start_latency"]["mean_us"].as_f64(), "{line}");
+        // And one end latency per invoke: its last step's start to its return.
+        assert_eq!(line["end_latency"]["samples"], line["invokes"], "{line}");
+        assert!(line["invoke_latency"]["mean_us"].as_f64() >= line["end_latency"]["mean_us"].as_f64(), "{line}");
+        assert!(line["step_latency"]["mean_us"].as_f64().unwrap_or(0.0) > 0.0, "{line}");
     }
 }
 

@@ -59,6 +59,9 @@ const STEP_LATENCY_METHOD: &str = "interval between the starts of consecutive su
 const START_LATENCY_METHOD: &str = "from the call to invoke to the start of its first node: the run's lease \
      (a round trip: lock, thread row, and on a new thread its admission) and building the admission";
 
+const END_LATENCY_METHOD: &str = "from the start of the last super-step's first node to the return of invoke: \
+     that step's nodes, its apply and commit, and the run's end (flush, lease release, the outcome)";
+
 /// mimalloc: a step allocates and frees many small values (keys, JSON, encoded payloads), and
 /// glibc's malloc and free were about a quarter of the memory backend's instructions per step.
 /// Built without transparent huge pages (`no_thp`: no `MADV_HUGEPAGE` on its regions, as
@@ -369,6 +372,7 @@ struct ClockInner {
     /// When the invoke in progress started, until its first node starts.
     invoked: Option<Instant>,
     starts_ns: Vec<u64>,
+    ends_ns: Vec<u64>,
 }
 
 impl StepClock {
@@ -401,16 +405,34 @@ impl StepClock {
         }
     }
 
-    /// Node starts, step intervals and start latencies since the last call.
-    fn take(&self) -> (u64, Vec<u64>, Vec<u64>) {
+    /// The invoke in progress returned: the time since its last super-step started.
+    fn end_invoke(&self) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if let Some((_, at)) = inner.current.take() {
+            inner.ends_ns.push((now - at).as_nanos() as u64);
+        }
+    }
+
+    /// Node starts, step intervals, start and end latencies since the last call.
+    fn take(&self) -> ClockFigures {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        (
-            std::mem::take(&mut inner.nodes),
-            std::mem::take(&mut inner.intervals_ns),
-            std::mem::take(&mut inner.starts_ns),
-        )
+        ClockFigures {
+            nodes: std::mem::take(&mut inner.nodes),
+            intervals_ns: std::mem::take(&mut inner.intervals_ns),
+            starts_ns: std::mem::take(&mut inner.starts_ns),
+            ends_ns: std::mem::take(&mut inner.ends_ns),
+        }
     }
+}
+
+/// What one worker's [`StepClock`] measured.
+struct ClockFigures {
+    nodes: u64,
+    intervals_ns: Vec<u64>,
+    starts_ns: Vec<u64>,
+    ends_ns: Vec<u64>,
 }
 
 /// A fresh 1 KiB string: 512 pseudo-random bytes, hex-encoded (as the LangGraph script's
@@ -585,6 +607,7 @@ struct RepFigures {
     intervals_ns: Vec<u64>,
     invoke_ns: Vec<u64>,
     starts_ns: Vec<u64>,
+    ends_ns: Vec<u64>,
 }
 
 impl Bench {
@@ -642,7 +665,7 @@ impl Bench {
         let graph = build_graph(shape, &hooks)?.with_checkpointer(Arc::new(MemoryCheckpointer::new()));
         graph.invoke("probe", Input::Start(input_for(shape)), &self.config()).await?;
         let checkpoints = graph.history("probe", &ListFilter::default()).await?.len() as u64;
-        Ok((clock.take().0, checkpoints))
+        Ok((clock.take().nodes, checkpoints))
     }
 
     /// `chain` and `fan`: throughput and latency, one JSON line per repetition.
@@ -717,20 +740,21 @@ impl Bench {
                     let t = Instant::now();
                     graph.invoke(&thread, Input::Start(input_for(shape)), &config).await?;
                     invoke_ns.push(t.elapsed().as_nanos() as u64);
+                    clock.end_invoke();
                     i += 1;
                 }
-                let (nodes, intervals_ns, starts_ns) = clock.take();
-                Ok::<_, agentic_runtime::Error>((i, nodes, intervals_ns, invoke_ns, starts_ns))
+                Ok::<_, agentic_runtime::Error>((i, invoke_ns, clock.take()))
             }));
         }
         let mut figures = RepFigures::default();
         for handle in handles {
-            let (invokes, nodes, intervals, invoke_ns, starts_ns) = handle.await??;
+            let (invokes, invoke_ns, clock) = handle.await??;
             figures.invokes += invokes;
-            figures.nodes += nodes;
-            figures.intervals_ns.extend(intervals);
+            figures.nodes += clock.nodes;
+            figures.intervals_ns.extend(clock.intervals_ns);
             figures.invoke_ns.extend(invoke_ns);
-            figures.starts_ns.extend(starts_ns);
+            figures.starts_ns.extend(clock.starts_ns);
+            figures.ends_ns.extend(clock.ends_ns);
         }
         figures.secs = start.elapsed().as_secs_f64();
         Ok(figures)
@@ -748,6 +772,7 @@ impl Bench {
         let mut intervals = f.intervals_ns.clone();
         let mut invokes = f.invoke_ns.clone();
         let mut starts = f.starts_ns.clone();
+        let mut ends = f.ends_ns.clone();
         let steps_per_s = f.nodes as f64 / f.secs;
         let ms_per_wal_sync = wal.as_ref().and_then(|w| w.ms_per_sync);
         json!({
@@ -766,6 +791,7 @@ impl Bench {
             "step_latency": {
                 "method": STEP_LATENCY_METHOD,
                 "samples": intervals.len(),
+                "mean_us": mean_us(&intervals),
                 "p50_us": percentile_us(&mut intervals, 0.50),
                 "p99_us": percentile_us(&mut intervals, 0.99),
                 "max_us": intervals.last().map(|&ns| round2(ns as f64 / 1e3)),
@@ -776,6 +802,13 @@ impl Bench {
                 "mean_us": mean_us(&starts),
                 "p50_us": percentile_us(&mut starts, 0.50),
                 "p99_us": percentile_us(&mut starts, 0.99),
+            },
+            "end_latency": {
+                "method": END_LATENCY_METHOD,
+                "samples": ends.len(),
+                "mean_us": mean_us(&ends),
+                "p50_us": percentile_us(&mut ends, 0.50),
+                "p99_us": percentile_us(&mut ends, 0.99),
             },
             "invoke_latency": {
                 "samples": invokes.len(),
