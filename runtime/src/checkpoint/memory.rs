@@ -6,10 +6,16 @@
 //! checkpoint spends more time having the kernel zero that memory than encoding it. A commit's
 //! body, metadata and channel values share one allocation of their exact total size (one size
 //! class rounding and one allocation per commit, where each payload took its own).
+//!
+//! The maps of a thread are what the store keeps besides the packs, and a store that keeps every
+//! checkpoint pays for each byte again as fresh memory: their entries are kept small (an optional
+//! id in 8 bytes, a time in microseconds), so a B-tree leaf of eleven checkpoints or versions
+//! fits the allocator's next smaller size class.
 
 use std::collections::BTreeMap;
+use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -75,10 +81,31 @@ fn same(a: &str, b: &str) -> bool {
     a.len() == b.len() && (a.is_empty() || a == b)
 }
 
+/// An optional checkpoint id in 8 bytes (an `Option<u64>` takes 16): the id plus one, with
+/// `None` in the zero niche.
+#[derive(Clone, Copy)]
+struct OptId(Option<NonZeroU64>);
+
+impl OptId {
+    fn new(id: Option<u64>) -> Result<Self> {
+        match id {
+            None => Ok(OptId(None)),
+            Some(id) => match id.checked_add(1).and_then(NonZeroU64::new) {
+                Some(stored) => Ok(OptId(Some(stored))),
+                None => Err(Error::InvalidState(format!("checkpoint id {id} is out of range"))),
+            },
+        }
+    }
+
+    fn get(self) -> Option<u64> {
+        self.0.map(|stored| stored.get() - 1)
+    }
+}
+
 /// A stored channel version: the version it extends (for a delta), and its bytes in the pack
 /// of the commit that stored it (which a kept version keeps alive after a prune).
 struct StoredBlob {
-    base: Option<u64>,
+    base: OptId,
     pack: Arc<[u8]>,
     at: u32,
     len: u32,
@@ -93,10 +120,11 @@ impl StoredBlob {
 /// A stored checkpoint: its pack starts with the encoded body, then the metadata, then the
 /// bytes of the commit's channel versions.
 struct Kept {
-    parent: Option<u64>,
+    parent: OptId,
     step: u64,
     source: Source,
-    at: SystemTime,
+    /// Microseconds since the Unix epoch (as the databases keep it).
+    created_us: u64,
     pack: Arc<[u8]>,
     body_len: u32,
     metadata_len: u32,
@@ -122,19 +150,18 @@ impl Kept {
         // Every offset fits in 32 bits: the whole pack does.
         let (body_len, metadata_len) = (body_len as u32, metadata_len as u32);
         let mut next = body_len + metadata_len;
-        let stored = blobs
-            .iter()
-            .map(|blob| {
-                let (at, len) = (next, blob.data.len() as u32);
-                next += len;
-                StoredBlob { base: blob.base, pack: Arc::clone(&pack), at, len }
-            })
-            .collect();
+        let mut stored = Vec::with_capacity(blobs.len());
+        for blob in blobs {
+            let (at, len) = (next, blob.data.len() as u32);
+            next += len;
+            stored.push(StoredBlob { base: OptId::new(blob.base)?, pack: Arc::clone(&pack), at, len });
+        }
+        let since_epoch = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         let kept = Kept {
-            parent: ckpt.parent,
+            parent: OptId::new(ckpt.parent)?,
             step: ckpt.step,
             source: ckpt.source,
-            at: SystemTime::now(),
+            created_us: u64::try_from(since_epoch.as_micros()).unwrap_or(u64::MAX),
             pack,
             body_len,
             metadata_len,
@@ -148,6 +175,10 @@ impl Kept {
 
     fn metadata(&self) -> Result<Value> {
         codec::decode(&self.pack[self.body_len as usize..][..self.metadata_len as usize])
+    }
+
+    fn created_at(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_micros(self.created_us)
     }
 }
 
@@ -259,6 +290,8 @@ impl Checkpointer for MemoryCheckpointer {
             // Before anything changes: an encoding error stores nothing.
             let (kept, stored) = Kept::pack(ckpt, &commit.blobs)?;
             let at = at.unwrap_or_else(|| {
+                // Most threads have one namespace: room for just it (a push would make room for four).
+                rec.spaces.reserve_exact(1);
                 rec.spaces.push(Space {
                     ns: commit.ns.clone(),
                     head: ckpt.id,
@@ -300,18 +333,18 @@ impl Checkpointer for MemoryCheckpointer {
             let Some(kept) = space.checkpoints.get(&id.unwrap_or(space.head)) else { return Ok(None) };
             let body = kept.body()?;
             let values = materialize(&body, |channel, v| {
-                space.blobs.get(channel)?.get(&v).map(|b| (b.base, b.bytes().to_vec()))
+                space.blobs.get(channel)?.get(&v).map(|b| (b.base.get(), b.bytes().to_vec()))
             })?;
             Ok(Some(StoredCheckpoint {
                 id: id.unwrap_or(space.head),
                 ns: ns.to_owned(),
-                parent: kept.parent,
+                parent: kept.parent.get(),
                 step: kept.step,
                 source: kept.source,
                 body,
                 values,
                 metadata: kept.metadata()?,
-                created_at: kept.at,
+                created_at: kept.created_at(),
             }))
         })?;
         Ok(found.flatten())
@@ -330,7 +363,7 @@ impl Checkpointer for MemoryCheckpointer {
                     Ok(CheckpointMeta {
                         id: *id,
                         ns: space.ns.clone(),
-                        parent: c.parent,
+                        parent: c.parent.get(),
                         step: c.step,
                         source: c.source,
                         metadata: c.metadata()?,
@@ -388,7 +421,7 @@ impl Checkpointer for MemoryCheckpointer {
                 deleted += doomed.len() as u64;
                 let mut used = std::collections::BTreeSet::new();
                 let blobs = &space.blobs;
-                let base_of = |c: &str, v: u64| blobs.get(c)?.get(&v).and_then(|b| b.base);
+                let base_of = |c: &str, v: u64| blobs.get(c)?.get(&v).and_then(|b| b.base.get());
                 for kept in space.checkpoints.values() {
                     used.extend(blobs_in_use([&kept.body()?], base_of));
                 }
@@ -438,6 +471,23 @@ mod tests {
             metadata: Arc::new(json!({}).into()),
         };
         StepCommit { thread: "t".to_owned(), ns: String::new(), checkpoint, blobs }
+    }
+
+    /// What a thread keeps per checkpoint and per version besides the packs: with `Option<u64>`
+    /// and `SystemTime` fields a B-tree leaf of eleven took the next larger size class.
+    #[test]
+    fn kept_entries_stay_small() {
+        assert!(std::mem::size_of::<Kept>() <= 56, "Kept: {} bytes", std::mem::size_of::<Kept>());
+        assert!(std::mem::size_of::<StoredBlob>() <= 32, "StoredBlob: {} bytes", std::mem::size_of::<StoredBlob>());
+    }
+
+    #[test]
+    fn optional_ids_round_trip_and_the_one_without_room_is_refused() {
+        for id in [None, Some(0), Some(1), Some(u64::MAX - 1)] {
+            assert_eq!(OptId::new(id).unwrap().get(), id);
+        }
+        let err = OptId::new(Some(u64::MAX)).err().unwrap();
+        assert!(err.to_string().contains("out of range"), "{err}");
     }
 
     /// A commit's payloads share one allocation; a version that outlives its checkpoint in a
