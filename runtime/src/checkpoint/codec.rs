@@ -45,6 +45,15 @@ pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
     with_scratch(|buf| encode_into(buf, value), <[u8]>::to_vec)
 }
 
+/// JSON text of a value (metadata, stored as JSON for the databases to query), written in the
+/// scratch buffer and copied out at its exact size: `serde_json::to_string` grows a fresh string
+/// through every doubling, about seven reallocations for a step's metadata.
+pub fn json_text<T: Serialize + ?Sized>(value: &T) -> Result<String> {
+    let bytes = with_scratch(|buf| serde_json::to_writer(&mut *buf, value).map_err(Error::from), <[u8]>::to_vec)?;
+    // serde_json writes UTF-8 only; the check is a scan of a short ASCII text.
+    String::from_utf8(bytes).map_err(|e| Error::Encoding(e.to_string()))
+}
+
 /// Encodes several payloads into one shared allocation of exactly their size: `write` appends
 /// them (with [`encode_into`], [`encode_body_into`] or bytes of its own) to an empty buffer.
 pub fn pack(write: impl FnOnce(&mut Vec<u8>) -> Result<()>) -> Result<std::sync::Arc<[u8]>> {

@@ -638,7 +638,7 @@ fn inline_blobs(commit: &StepCommit) -> Option<InlineBlobs<'_>> {
 /// A checkpoint's body and metadata as stored: MessagePack bytes, and JSON text for the `jsonb`
 /// column.
 fn encode_row(ckpt: &NewCheckpoint) -> Result<(Vec<u8>, String)> {
-    Ok((super::codec::encode_body(&ckpt.body)?, serde_json::to_string(&*ckpt.metadata)?))
+    Ok((super::codec::encode_body(&ckpt.body)?, super::codec::json_text(&*ckpt.metadata)?))
 }
 
 /// The arrays [`inline_blobs`] binds.

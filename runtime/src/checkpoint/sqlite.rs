@@ -188,7 +188,7 @@ impl Checkpointer for SqliteCheckpointer {
         let fail = sqlite_error("commit");
         let ckpt = &commit.checkpoint;
         let body = super::codec::encode_body(&ckpt.body)?;
-        let metadata = serde_json::to_string(&*ckpt.metadata)?;
+        let metadata = super::codec::json_text(&*ckpt.metadata)?;
         let mut tx = self.write_tx("commit").await?;
         let thread: Option<(i64, i64)> = sqlx::query_as("SELECT tid, epoch FROM threads WHERE thread_id = ?1")
             .bind(&commit.thread)
