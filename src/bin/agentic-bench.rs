@@ -54,7 +54,7 @@ const STATS_SETTLE: Duration = Duration::from_millis(600);
 
 const STEP_LATENCY_METHOD: &str = "interval between the starts of consecutive super-steps inside one invoke \
      (first node start of step k to first node start of step k+1: the node, the step's apply and its commit); \
-     the admission before the first node and the last commit are in invoke_latency only";
+     the run's start before the first node and its last step are start_latency and end_latency";
 
 const START_LATENCY_METHOD: &str = "from the call to invoke to the start of its first node: the run's lease \
      (a round trip: lock, thread row, and on a new thread its admission) and building the admission";
@@ -769,10 +769,9 @@ impl Bench {
         wal: Option<WalDelta>,
         context: &Value,
     ) -> Value {
-        let mut intervals = f.intervals_ns.clone();
-        let mut invokes = f.invoke_ns.clone();
-        let mut starts = f.starts_ns.clone();
-        let mut ends = f.ends_ns.clone();
+        let mut invoke_latency = latency_summary(&f.invoke_ns, None);
+        invoke_latency["per_node_step_p50_us"] =
+            json!(invoke_latency["p50_us"].as_f64().map(|us| round2(us * f.invokes as f64 / f.nodes.max(1) as f64)));
         let steps_per_s = f.nodes as f64 / f.secs;
         let ms_per_wal_sync = wal.as_ref().and_then(|w| w.ms_per_sync);
         json!({
@@ -788,36 +787,10 @@ impl Bench {
             "invokes_per_s": round2(f.invokes as f64 / f.secs),
             "node_steps_per_s": round2(steps_per_s),
             "us_per_node_step": round2(1e6 / steps_per_s),
-            "step_latency": {
-                "method": STEP_LATENCY_METHOD,
-                "samples": intervals.len(),
-                "mean_us": mean_us(&intervals),
-                "p50_us": percentile_us(&mut intervals, 0.50),
-                "p99_us": percentile_us(&mut intervals, 0.99),
-                "max_us": intervals.last().map(|&ns| round2(ns as f64 / 1e3)),
-            },
-            "start_latency": {
-                "method": START_LATENCY_METHOD,
-                "samples": starts.len(),
-                "mean_us": mean_us(&starts),
-                "p50_us": percentile_us(&mut starts, 0.50),
-                "p99_us": percentile_us(&mut starts, 0.99),
-            },
-            "end_latency": {
-                "method": END_LATENCY_METHOD,
-                "samples": ends.len(),
-                "mean_us": mean_us(&ends),
-                "p50_us": percentile_us(&mut ends, 0.50),
-                "p99_us": percentile_us(&mut ends, 0.99),
-            },
-            "invoke_latency": {
-                "samples": invokes.len(),
-                "mean_us": mean_us(&invokes),
-                "p50_us": percentile_us(&mut invokes, 0.50),
-                "p99_us": percentile_us(&mut invokes, 0.99),
-                "per_node_step_p50_us": percentile_us(&mut invokes, 0.50)
-                    .map(|us| round2(us * f.invokes as f64 / f.nodes.max(1) as f64)),
-            },
+            "step_latency": latency_summary(&f.intervals_ns, Some(STEP_LATENCY_METHOD)),
+            "start_latency": latency_summary(&f.starts_ns, Some(START_LATENCY_METHOD)),
+            "end_latency": latency_summary(&f.ends_ns, Some(END_LATENCY_METHOD)),
+            "invoke_latency": invoke_latency,
             "ms_per_wal_sync": ms_per_wal_sync,
             "wal": wal.map(|w| w.to_json(f.nodes, f.secs)),
             "context": context,
@@ -1302,6 +1275,23 @@ where
 /// Mean of nanosecond samples, in microseconds.
 fn mean_us(samples: &[u64]) -> Option<f64> {
     (!samples.is_empty()).then(|| round2(samples.iter().sum::<u64>() as f64 / samples.len() as f64 / 1e3))
+}
+
+/// Count, mean, median, p99 and maximum of nanosecond samples, in microseconds, with the
+/// method that took them.
+fn latency_summary(samples: &[u64], method: Option<&str>) -> Value {
+    let mut sorted = samples.to_vec();
+    let mut summary = json!({
+        "samples": sorted.len(),
+        "mean_us": mean_us(&sorted),
+        "p50_us": percentile_us(&mut sorted, 0.50),
+        "p99_us": percentile_us(&mut sorted, 0.99),
+        "max_us": sorted.last().map(|&ns| round2(ns as f64 / 1e3)),
+    });
+    if let Some(method) = method {
+        summary["method"] = json!(method);
+    }
+    summary
 }
 
 /// Nearest-rank percentile of nanosecond samples, in microseconds; sorts the samples.
