@@ -17,7 +17,9 @@ Runs, interleaved, for N repetitions:
   pgbench      1 KiB single-row INSERT per transaction at 1, 16 and 64 clients
   LangGraph    benches/langgraph_bench.py: chain on PostgresSaver (1 thread), AsyncPostgresSaver
                (16 and 64 threads), fan-out on PostgresSaver, chain on InMemorySaver
-  Agentic      agentic-bench: the same workloads on PostgreSQL, memory and SQLite
+  Agentic      agentic-bench: the same workloads on PostgreSQL, memory and SQLite (each invoke on
+               a thread the runtime minted; at 1 thread on PostgreSQL also on threads named by
+               the caller, as the LangGraph script names them)
 then once: resume of a 1,000-step thread, storage after 1,000 appending steps, resident memory,
 and a profile of where a step's time goes. Writes RESULTS.md and results.json.
 
@@ -199,18 +201,24 @@ probe() { pgb "$1" "$2" probe 1 "$PROBE_SECS"; }
 
 # One comparison: the three measurements back to back, bracketed by fsync probes. Odd rounds
 # run pgbench, LangGraph, ours; even rounds the reverse, so drift does not favour one side.
-compare_group() { # round group clients lg-args... -- ours-args...
+# `--also ARG` measures ours a second time with ARG added (after the first; before it on even
+# rounds).
+compare_group() { # round group clients lg-args... -- ours-args... [--also ARG]
     local round=$1 group=$2 clients=$3; shift 3
-    local lg_args=() ours_args=()
+    local lg_args=() ours_args=() also=()
     while [[ $1 != -- ]]; do lg_args+=("$1"); shift; done
     shift
-    ours_args=("$@")
+    while [[ $# -gt 0 ]]; do
+        if [[ $1 == --also ]]; then also=("$2"); shift 2; else ours_args+=("$1"); shift; fi
+    done
     probe "$round" "$group"
     if (( round % 2 == 1 )); then
         pgb "$round" "$group" measure "$clients" "$SECS"
         lg "$round" "$group" "${lg_args[@]}"
         ours "$round" "$group" "${ours_args[@]}"
+        if (( ${#also[@]} )); then ours "$round" "$group" "${ours_args[@]}" "${also[@]}"; fi
     else
+        if (( ${#also[@]} )); then ours "$round" "$group" "${ours_args[@]}" "${also[@]}"; fi
         ours "$round" "$group" "${ours_args[@]}"
         lg "$round" "$group" "${lg_args[@]}"
         pgb "$round" "$group" measure "$clients" "$SECS"
@@ -248,7 +256,7 @@ for round in $(seq 1 "$REPS"); do
     say "=== round $round/$REPS"
     common=(--secs "$SECS" --warmup "$WARMUP" --reps 1 --durability sync)
     compare_group "$round" pg1 1 chain --saver pg "${common[@]}" -- \
-        chain --backend postgres --threads 1 "${common[@]}"
+        chain --backend postgres --threads 1 "${common[@]}" --also --named-threads
     compare_group "$round" "pg$MID" "$MID" chain --saver apg --threads "$MID" "${common[@]}" -- \
         chain --backend postgres --threads "$MID" "${common[@]}"
     compare_group "$round" "pg$HIGH" "$HIGH" chain --saver apg --threads "$HIGH" "${common[@]}" -- \

@@ -56,7 +56,12 @@ async fn quick_runs_on_postgres_print_json_with_the_wal_fsync_time() {
         let lines = bench(&["--backend", "postgres", "--database", &db.url, "--quick", case]);
         assert_ran(&lines, case, "postgres");
         assert!(lines.iter().all(|l| l.get("ms_per_wal_sync").is_some()), "{lines:?}");
+        assert!(lines.iter().all(|l| l["threads_named_by"] == "runtime"), "{lines:?}");
     }
+    // Threads named by the caller, as the LangGraph script names them (`invoke`).
+    let named = bench(&["--backend", "postgres", "--database", &db.url, "--quick", "chain", "--named-threads"]);
+    assert_ran(&named, "chain", "postgres");
+    assert!(named.iter().all(|l| l["threads_named_by"] == "caller"), "{named:?}");
     // profile: the chain, its commits replayed into the store, and its step rows through bare sqlx.
     let profile = bench(&["--backend", "postgres", "--database", &db.url, "--quick", "profile"]);
     let line = &profile[0];

@@ -3,7 +3,8 @@
 //! final state must equal an uninterrupted run's, every reducer write must apply exactly once,
 //! and the executions table must show that no task of a committed step ran again. And a new run
 //! on a finished thread, whose admission commits without waiting for the WAL flush, killed in
-//! its first node: the next runner goes on from that admission.
+//! its first node: the next runner goes on from that admission. And a run on a thread the runtime
+//! minted, killed before and after its first commit (which stores the thread).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod support;
@@ -144,5 +145,85 @@ async fn a_new_run_killed_in_its_first_node_goes_on_from_its_admission() {
     assert_eq!(last["round"], Value::from(2), "the killed run's round ran, once");
     let total = first["total"].as_u64().unwrap() + 200 + 201;
     assert_eq!(last["total"], Value::from(total));
+    db.drop_db().await;
+}
+
+/// The probe's thread ids with recorded executions, other than `known`.
+async fn new_thread_ids(db: &TestDb, known: &[String]) -> Vec<String> {
+    let ids: Vec<String> = sqlx::query_scalar("SELECT DISTINCT thread FROM probe_executions")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap_or_default();
+    ids.into_iter().filter(|id| !known.contains(id)).collect()
+}
+
+/// Waits until a probe run on a minted thread has recorded `n` executions; returns its id.
+async fn minted_thread_with(db: &TestDb, child: &mut tokio::process::Child, known: &[String], n: i64) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let [id] = &new_thread_ids(db, known).await[..]
+            && executions_of(db, id).await >= n
+        {
+            return id.clone();
+        }
+        assert!(!child_finished(child), "the run ended before {n} executions");
+        assert!(tokio::time::Instant::now() < deadline, "the run never reached {n} executions");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A run on a thread the runtime minted (`invoke_new`) stores the thread with its first step's
+/// commit. SIGKILLed inside its first node, it leaves nothing (no thread: nothing to resume, and
+/// nobody was told the id). SIGKILLed after that commit, the thread is there and a runner naming
+/// it finishes the run: the state is an uninterrupted run's, each write applied once, no task of
+/// a committed step run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_threads_run_is_stored_from_its_first_commit_on() {
+    let db = TestDb::new("minted").await;
+    let shape = ["--rounds", "3", "--width", "2", "--max-pause-ms", "5"];
+    let reference = probe_cmd(&db, "reference", &[&shape[..], &["run"]].concat()).spawn().unwrap();
+    let (ok, out, err) = finish(reference, Duration::from_mins(1)).await;
+    assert!(ok, "reference run failed: {err}");
+    let expected: Value = serde_json::from_str(out.trim()).unwrap();
+    let mut known = vec!["reference".to_owned()];
+
+    let holding = [&shape[..], &["--hold-ms", "60000", "run", "--new"]].concat();
+    let mut child = probe_cmd(&db, "unused", &holding).spawn().unwrap();
+    let killed_early = minted_thread_with(&db, &mut child, &known, 1).await;
+    sigkill(&child);
+    let (ok, _, _) = finish(child, Duration::from_mins(1)).await;
+    assert!(!ok, "the run was killed inside its first node");
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM agentic.threads WHERE thread_id = $1")
+        .bind(&killed_early)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "nothing stored before the first step's commit");
+    known.push(killed_early);
+
+    // The first step is the planner alone; a worker's execution means that step committed.
+    let slow = [&shape[..], &["--hold-ms", "200", "run", "--new"]].concat();
+    let mut child = probe_cmd(&db, "unused", &slow).spawn().unwrap();
+    let id = minted_thread_with(&db, &mut child, &known, 2).await;
+    sigkill(&child);
+    let (ok, _, _) = finish(child, Duration::from_mins(1)).await;
+    assert!(!ok, "the run was killed after its first commit");
+    let head: i64 = sqlx::query_scalar(
+        "SELECT max(c.id) FROM agentic.checkpoints c JOIN agentic.threads t ON t.tid = c.tid
+         WHERE t.thread_id = $1 AND c.ns = ''",
+    )
+    .bind(&id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(head >= 2, "the thread holds its admission and first step (head {head})");
+
+    let next = probe_cmd(&db, &id, &[&shape[..], &["run"]].concat()).spawn().unwrap();
+    let (ok, out, err) = finish(next, Duration::from_mins(1)).await;
+    assert!(ok, "the continued run failed: {err}");
+    let last: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(probe::normalized(&last), probe::normalized(&expected));
+    let audit = probe::audit(&db.pool, &id, &last).await.unwrap();
+    assert!(audit.problems.is_empty(), "{:?}", audit.problems);
     db.drop_db().await;
 }

@@ -33,7 +33,7 @@ pub use error::{Error, Result};
 pub use graph::{END, Graph, GraphBuilder, START};
 pub use history::StateSnapshot;
 pub use node::{Context, Node, NodeError, RetryPolicy, node_fn};
-pub use pregel::{Durability, Input, Interrupt, InterruptKind, Resume, RunConfig, RunOutcome};
+pub use pregel::{Durability, Input, Interrupt, InterruptKind, NewThread, Resume, RunConfig, RunOutcome};
 pub use state::{Goto, State, Update};
 pub use stream::Event;
 pub use worker::TaskReport;

@@ -314,10 +314,42 @@ struct Buffered {
     items: Vec<Value>,
 }
 
+/// The id of a thread that does not exist yet, minted for one run ([`Graph::invoke_new`]): a
+/// UUID v7 (time-ordered, so new threads land at the end of the store's thread index). Nothing
+/// is stored until that run stores its first checkpoint.
+#[derive(Debug)]
+pub struct NewThread {
+    id: String,
+}
+
+impl NewThread {
+    /// The thread's id: keep it to read or resume the thread after the run. Until
+    /// [`Graph::invoke_new`] returns, only that run may use it.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
 impl Graph {
     /// Runs the graph on a thread until it ends or interrupts.
     pub async fn invoke(&self, thread: &str, input: Input, config: &RunConfig) -> Result<RunOutcome> {
-        self.execute(thread, input, config, None).await
+        self.execute(thread, input, config, None, false).await
+    }
+
+    /// A new thread for [`Graph::invoke_new`].
+    pub fn new_thread(&self) -> NewThread {
+        NewThread { id: uuid::Uuid::now_v7().to_string() }
+    }
+
+    /// Runs the graph from `input` on a new thread, until it ends or interrupts: as
+    /// [`Graph::invoke`], with one store round trip less. No other runner can know the thread,
+    /// so its run needs no lease before its first step: the store takes the lease and stores
+    /// the admission with the first step's commit (PostgreSQL; the others take it first). Its
+    /// first step may run before anything is stored: if the process dies in it, the thread does
+    /// not exist (nothing to resume; run it anew). Once it returns, `thread.id()` is an ordinary
+    /// thread. Refused if `config` names a checkpoint to fork from.
+    pub async fn invoke_new(&self, thread: NewThread, input: Update, config: &RunConfig) -> Result<RunOutcome> {
+        self.execute(&thread.id, Input::Start(input), config, None, true).await
     }
 
     /// Runs the graph on a thread, streaming its events. The stream ends after an
@@ -328,7 +360,7 @@ impl Graph {
         let thread = thread.to_owned();
         let config = config.clone();
         tokio::spawn(async move {
-            if let Err(e) = graph.execute(&thread, input, &config, Some(tx.clone())).await {
+            if let Err(e) = graph.execute(&thread, input, &config, Some(tx.clone()), false).await {
                 let _ = tx.send(Err(e));
             }
         });
@@ -341,6 +373,7 @@ impl Graph {
         input: Input,
         config: &RunConfig,
         events: Option<EventSink>,
+        new: bool,
     ) -> Result<RunOutcome> {
         let request = LeaseRequest {
             thread,
@@ -352,17 +385,29 @@ impl Graph {
         // built as if the thread were new and stored with the lease (one round trip on
         // PostgreSQL). An input that does not apply to an empty state is left to the usual
         // admission, which applies it to the thread's state and reports what is wrong.
+        // A new thread (`new`) has nothing to apply its input to but an empty state.
         let first = match (&input, config.checkpoint) {
             (Input::Start(update), None) => {
-                FirstAdmission::new(&self.inner, thread, &config.owner, update.clone()).ok()
+                match FirstAdmission::new(&self.inner, thread, &config.owner, update.clone()) {
+                    Ok(first) => Some(first),
+                    Err(err) if new => return Err(err),
+                    Err(_) => None,
+                }
             }
+            _ if new => return Err(Error::InvalidState("a new thread has no checkpoint to fork from".into())),
             _ => None,
         };
         let admission = first.as_ref().map(|first| &first.commit);
-        let Begun { lease, admitted, head } = store_call(|| self.store.begin(request.clone(), admission)).await?;
+        let Begun { lease, admitted, head } = match admission {
+            Some(admission) if new => store_call(|| self.store.begin_new(request.clone(), admission)).await?,
+            _ => store_call(|| self.store.begin(request.clone(), admission)).await?,
+        };
         // The head is this run's own admission if an earlier try of the call above stored it but
         // its answer was lost: the run goes on from it instead of applying the input twice.
         let adopted = matches!((&first, &head), (Some(first), Some(head)) if first.is(head));
+        if new && !admitted && !adopted {
+            return Err(Error::InvalidState(format!("new thread `{thread}` exists already")));
+        }
         let mut run = Loop::new(self, Arc::new(lease), thread, String::new(), config, events, head);
         match first {
             Some(first) if admitted => run.admitted(first),

@@ -167,3 +167,132 @@ async fn postgres_runs_end_durable_with_one_flush_at_most(pool: sqlx::PgPool) {
     assert_eq!(done.state().unwrap().to_json()["total"], json!(33));
     assert!(!flushed_after_admission(&pool).await, "no flush after the step commit that made the admission durable");
 }
+
+/// A run on a new thread (`invoke_new`) stores what a run on a named new thread stores, and the
+/// thread is an ordinary one after it. A thread of the same id made by another run meanwhile is
+/// not run on: the new thread's run is refused and stores nothing.
+async fn new_threads_are_ordinary_threads_once_run(store: Arc<dyn Checkpointer>) {
+    let graph = adder(Arc::clone(&store));
+    let input = || Update::new().set("total", 10).set("log", "input");
+    let config = RunConfig::default();
+    let thread = graph.new_thread();
+    let id = thread.id().to_owned();
+    assert_eq!(store.thread(&id).await.unwrap(), None, "nothing stored before the run");
+    let done = graph.invoke_new(thread, input(), &config).await.unwrap();
+    let state = done.state().unwrap().to_json();
+    assert_eq!((state["total"].clone(), state["log"].clone()), (json!(11), json!(["input", "one"])));
+    let history = graph.history(&id, &ListFilter::default()).await.unwrap();
+    assert_eq!(history.len(), 2, "its admission and its step: {history:?}");
+    assert_eq!(store.thread(&id).await.unwrap().unwrap().graph.name, "adder");
+    let again = graph.invoke(&id, Input::Start(input()), &config).await.unwrap();
+    assert_eq!(again.state().unwrap().to_json()["total"], json!(22));
+
+    let thread = graph.new_thread();
+    let taken = thread.id().to_owned();
+    graph.invoke(&taken, Input::Start(input()), &config).await.unwrap();
+    let refused = graph.invoke_new(thread, input(), &config).await;
+    assert!(matches!(&refused, Err(Error::InvalidState(m)) if m.contains("exists already")), "{refused:?}");
+    assert_eq!(graph.history(&taken, &ListFilter::default()).await.unwrap().len(), 2, "nothing of it stored");
+}
+
+#[tokio::test]
+async fn memory_new_threads_are_ordinary_threads_once_run() {
+    new_threads_are_ordinary_threads_once_run(Arc::new(MemoryCheckpointer::new())).await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn postgres_new_threads_are_ordinary_threads_once_run(pool: sqlx::PgPool) {
+    new_threads_are_ordinary_threads_once_run(Arc::new(PostgresCheckpointer::from_pool(pool).await.unwrap())).await;
+}
+
+/// Whether the thread row, its admission and its first step's checkpoint were written by one
+/// transaction (one statement: the row versions' `xmin`).
+async fn made_with_first_step(pool: &sqlx::PgPool, thread: &str) -> bool {
+    sqlx::query_scalar(
+        "SELECT t.xmin::text = a.xmin::text AND a.xmin::text = s.xmin::text
+         FROM agentic.threads t
+            JOIN agentic.checkpoints a ON a.tid = t.tid AND a.ns = '' AND a.id = 1
+            JOIN agentic.checkpoints s ON s.tid = t.tid AND s.ns = '' AND s.id = 2
+         WHERE t.thread_id = $1",
+    )
+    .bind(thread)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// On PostgreSQL a new thread's lease and admission go with its first step's commit, durably
+/// (no flush after it); a named new thread's take is a statement of its own.
+#[sqlx::test(migrations = false)]
+async fn postgres_new_threads_are_made_by_their_first_step_commit(pool: sqlx::PgPool) {
+    let store: Arc<dyn Checkpointer> = Arc::new(PostgresCheckpointer::from_pool(pool.clone()).await.unwrap());
+    let graph = adder(store);
+    let input = || Update::new().set("total", 10).set("log", "input");
+    let thread = graph.new_thread();
+    let id = thread.id().to_owned();
+    graph.invoke_new(thread, input(), &RunConfig::default()).await.unwrap();
+    assert!(made_with_first_step(&pool, &id).await, "made by its first step's commit");
+    let flushed: bool =
+        sqlx::query_scalar("SELECT t.updated_at > t.created_at FROM agentic.threads t WHERE t.thread_id = $1")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(!flushed, "no flush after the durable first commit");
+
+    graph.invoke("named", Input::Start(input()), &RunConfig::default()).await.unwrap();
+    assert!(!made_with_first_step(&pool, "named").await, "a named thread's take goes first");
+}
+
+/// A new thread's run that needs the thread stored before its first step commits stores it
+/// then: its first node's journaled call (a pending write), and the run's end at an interrupt
+/// (flushed). The run resumes by the thread's id, and the call is not made again.
+#[sqlx::test(migrations = false)]
+async fn postgres_new_threads_are_stored_when_their_first_step_needs_them(pool: sqlx::PgPool) {
+    let store: Arc<dyn Checkpointer> = Arc::new(PostgresCheckpointer::from_pool(pool.clone()).await.unwrap());
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let graph = GraphBuilder::new("reviewed")
+        .channel("answer", Channel::last_value())
+        .channel("approved", Channel::last_value())
+        .node(
+            "llm",
+            node_fn(move |_, ctx| {
+                let counter = Arc::clone(&counter);
+                async move {
+                    let answer: String = ctx
+                        .journal("completion", async {
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            Ok::<_, agentic_runtime::NodeError>("42".to_owned())
+                        })
+                        .await?;
+                    let approved = ctx.interrupt(json!({"answer": answer}))?;
+                    Ok(Update::new().set("answer", answer).set("approved", approved))
+                }
+            }),
+        )
+        .edge(START, "llm")
+        .edge("llm", END)
+        .compile()
+        .unwrap()
+        .with_checkpointer(Arc::clone(&store));
+    let thread = graph.new_thread();
+    let id = thread.id().to_owned();
+    let stopped = graph.invoke_new(thread, Update::new(), &RunConfig::default()).await.unwrap();
+    assert_eq!(stopped.interrupts().len(), 1, "stopped for review");
+    let head: (i64, String, bool) = sqlx::query_as(
+        "SELECT c.id, c.source, t.updated_at > c.created_at
+         FROM agentic.threads t JOIN agentic.checkpoints c ON c.tid = t.tid AND c.ns = ''
+         WHERE t.thread_id = $1 ORDER BY c.id DESC LIMIT 1",
+    )
+    .bind(&id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((head.0, head.1.as_str(), head.2), (1, "input", true), "the admission, stored and flushed");
+
+    let resume = Input::Resume(agentic_runtime::Resume::Value(json!(true)));
+    let state = graph.invoke(&id, resume, &RunConfig::default()).await.unwrap().state().unwrap().to_json();
+    assert_eq!((state["answer"].clone(), state["approved"].clone()), (json!("42"), json!(true)));
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the journaled call ran once");
+}

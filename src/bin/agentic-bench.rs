@@ -56,8 +56,9 @@ const STEP_LATENCY_METHOD: &str = "interval between the starts of consecutive su
      (first node start of step k to first node start of step k+1: the node, the step's apply and its commit); \
      the run's start before the first node and its last step are start_latency and end_latency";
 
-const START_LATENCY_METHOD: &str = "from the call to invoke to the start of its first node: the run's lease \
-     (a round trip: lock, thread row, and on a new thread its admission) and building the admission";
+const START_LATENCY_METHOD: &str = "from the call to invoke to the start of its first node: building the \
+     admission, and on a thread the caller named (--named-threads) the run's lease (a round trip: lock, thread row, \
+     admission); a thread the runtime minted (invoke_new) takes its lease with the first step's commit";
 
 const END_LATENCY_METHOD: &str = "from the start of the last super-step's first node to the return of invoke: \
      that step's nodes, its apply and commit, and the run's end (flush, lease release, the outcome)";
@@ -181,7 +182,7 @@ enum Case {
 
 #[derive(Args, Clone, Copy)]
 struct LoadArgs {
-    /// Concurrent threads: tokio tasks, each looping invokes on fresh thread ids, sharing one checkpointer.
+    /// Concurrent threads: tokio tasks, each looping invokes on new threads, sharing one checkpointer.
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Seconds per repetition.
@@ -193,6 +194,11 @@ struct LoadArgs {
     /// Seconds of unreported warm-up before the repetitions (allocator, pool, prepared statements).
     #[arg(long, default_value_t = 1.0)]
     warmup: f64,
+    /// Name each invoke's thread (`invoke` on an id the caller chose: the run takes its lease
+    /// before its first node) instead of running on a thread the runtime minted (`invoke_new`:
+    /// the lease goes with the first step's commit).
+    #[arg(long)]
+    named_threads: bool,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -677,17 +683,18 @@ impl Bench {
             let secs = args.warmup.min(args.secs);
             eprintln!("[agentic-bench] {} {backend} threads={} warm-up {secs}s", shape.name(), args.threads);
             let store = self.store(&format!("{}-warmup", shape.name())).await?;
-            self.run_load(shape, &store, args.threads, secs, 0).await?;
+            self.run_load(shape, &store, args.threads, secs, 0, args.named_threads).await?;
         }
         for rep in 1..=args.reps {
             eprintln!("[agentic-bench] {} {backend} threads={} rep {rep}/{}", shape.name(), args.threads, args.reps);
             let store = self.store(&format!("{}-{rep}", shape.name())).await?;
             let context = self.context().await?;
             let before = self.stats().await?;
-            let figures = self.run_load(shape, &store, args.threads, args.secs, rep).await?;
+            let figures = self.run_load(shape, &store, args.threads, args.secs, rep, args.named_threads).await?;
             drop(store);
             let wal = self.wal_since(before).await?;
             let mut line = self.rep_line(shape, args.threads, rep, &figures, wal, &context);
+            line["threads_named_by"] = json!(if args.named_threads { "caller" } else { "runtime" });
             line["nodes_per_invoke_measured"] = json!(nodes_per_invoke);
             line["checkpoints_per_invoke"] = json!(checkpoints_per_invoke);
             let cps = line["invokes_per_s"].as_f64().unwrap_or(0.0) * checkpoints_per_invoke as f64;
@@ -717,6 +724,7 @@ impl Bench {
         threads: usize,
         secs: f64,
         rep: usize,
+        named: bool,
     ) -> anyhow::Result<RepFigures> {
         let mut workers = Vec::with_capacity(threads);
         for w in 0..threads {
@@ -735,10 +743,13 @@ impl Bench {
                 let mut invoke_ns = Vec::new();
                 let mut i = 0u64;
                 while Instant::now() < deadline {
-                    let thread = format!("{prefix}-{i}");
+                    let thread = named.then(|| format!("{prefix}-{i}"));
                     clock.begin_invoke();
                     let t = Instant::now();
-                    graph.invoke(&thread, Input::Start(input_for(shape)), &config).await?;
+                    match &thread {
+                        Some(thread) => graph.invoke(thread, Input::Start(input_for(shape)), &config).await?,
+                        None => graph.invoke_new(graph.new_thread(), input_for(shape), &config).await?,
+                    };
                     invoke_ns.push(t.elapsed().as_nanos() as u64);
                     clock.end_invoke();
                     i += 1;
@@ -966,7 +977,7 @@ impl Bench {
             })
         };
         eprintln!("[agentic-bench] rss: {} threads for {} s", args.threads, args.secs);
-        let figures = self.run_load(Shape::Chain, &store, args.threads, args.secs, 0).await?;
+        let figures = self.run_load(Shape::Chain, &store, args.threads, args.secs, 0, false).await?;
         sampling.store(false, Ordering::Relaxed);
         let _ = sampler.await;
         let peak = proc_status_kib("VmHWM");
@@ -996,10 +1007,10 @@ impl Bench {
     async fn profile(&mut self, args: LoadArgs) -> anyhow::Result<()> {
         let store = self.store("profile").await?;
         // Warm up: pool connections opened, statements prepared.
-        self.run_load(Shape::Chain, &store, args.threads, args.secs.min(1.0) / 2.0, 0).await?;
+        self.run_load(Shape::Chain, &store, args.threads, args.secs.min(1.0) / 2.0, 0, args.named_threads).await?;
         let before = self.stats().await?;
         let (cpu0, server0, machine0) = (process_cpu_ms(), postgres_cpu_ms(), machine_cpu());
-        let figures = self.run_load(Shape::Chain, &store, args.threads, args.secs, 1).await?;
+        let figures = self.run_load(Shape::Chain, &store, args.threads, args.secs, 1, args.named_threads).await?;
         let (cpu1, server1, machine1) = (process_cpu_ms(), postgres_cpu_ms(), machine_cpu());
         drop(store);
         let wal = self.wal_since(before).await?;
@@ -1020,10 +1031,11 @@ impl Bench {
         // Last run: statements per step from the statement log (its own overhead is not timed).
         let statements = if self.common.backend == Backend::Postgres {
             let store = self.store("profile-statements").await?;
-            self.run_load(Shape::Chain, &store, args.threads, 0.3, 0).await?;
+            self.run_load(Shape::Chain, &store, args.threads, 0.3, 0, args.named_threads).await?;
             STATEMENT_LOG.lock().unwrap_or_else(PoisonError::into_inner).clear();
             LOG_STATEMENTS.store(true, Ordering::Relaxed);
-            let counted = self.run_load(Shape::Chain, &store, args.threads, args.secs.min(3.0), 2).await;
+            let counted =
+                self.run_load(Shape::Chain, &store, args.threads, args.secs.min(3.0), 2, args.named_threads).await;
             LOG_STATEMENTS.store(false, Ordering::Relaxed);
             let counted = counted?;
             drop(store);

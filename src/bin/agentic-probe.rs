@@ -45,6 +45,10 @@ enum Command {
         /// Start a new run even if the thread exists (its last run must have finished).
         #[arg(long)]
         again: bool,
+        /// Start a thread the runtime mints (`invoke_new`; `--thread` is not used): its id is
+        /// the one its nodes record.
+        #[arg(long, conflicts_with = "again")]
+        new: bool,
     },
     /// Run one task of the thread's current step.
     Work {
@@ -71,14 +75,19 @@ async fn main() -> anyhow::Result<()> {
     };
     let graph = probe::graph(shape, pool)?.with_checkpointer(Arc::new(store));
     match cli.command {
-        Command::Run { again } => {
+        Command::Run { again, new } => {
             let config = RunConfig { recursion_limit: 10_000, ..RunConfig::default() };
-            let input = if !again && graph.get_state(&cli.thread).await?.is_some() {
-                Input::Continue
+            let outcome = if new {
+                graph.invoke_new(graph.new_thread(), Update::new(), &config).await?
             } else {
-                Input::Start(Update::new())
+                let input = if !again && graph.get_state(&cli.thread).await?.is_some() {
+                    Input::Continue
+                } else {
+                    Input::Start(Update::new())
+                };
+                graph.invoke(&cli.thread, input, &config).await?
             };
-            match graph.invoke(&cli.thread, input, &config).await? {
+            match outcome {
                 RunOutcome::Done(state) => println!("{}", state.to_json()),
                 RunOutcome::Interrupted(i) => anyhow::bail!("unexpected interrupt: {i:?}"),
             }

@@ -550,6 +550,18 @@ pub trait Checkpointer: Send + Sync + 'static {
         Ok(Begun { lease, admitted: true, head: None })
     }
 
+    /// Starts a run on a thread nobody else can name yet: its id was minted for this run
+    /// ([`crate::Graph::new_thread`]) and is told to no one before the run reports it, so no
+    /// other runner can contend for it. `admission` is the run's first checkpoint (as for
+    /// [`Checkpointer::begin`]). A store may defer taking the lease and storing the admission
+    /// until the run first needs them stored: its first step commit (which then stores all three
+    /// at once: PostgreSQL saves the take's round trip), a pending write, or the run's flush.
+    /// The answer is [`Checkpointer::begin`]'s; `admitted` is false only if a thread of that
+    /// id exists.
+    async fn begin_new(&self, request: LeaseRequest<'_>, admission: &StepCommit) -> Result<Begun> {
+        self.begin(request, Some(admission)).await
+    }
+
     /// The thread's record, if it exists.
     async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>>;
 

@@ -23,12 +23,12 @@
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Connection, PgConnection};
+use sqlx::{ConnectOptions, Connection, FromRow, PgConnection};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -216,6 +216,9 @@ struct LeaseSession {
     /// Locks of dropped leases not unlocked yet (key, session generation): the next statement
     /// that takes a lease unlocks them, or a flush [`UNLOCK_DELAY`] after the drop.
     unlocks: Mutex<Vec<(i64, u64)>>,
+    /// Leases of new threads whose take waits for their first need of the thread (see
+    /// [`Deferred`]), by thread: a pending write names only the thread.
+    deferred: Mutex<HashMap<String, Weak<HeldLock>>>,
 }
 
 /// How long a dropped lease's lock waits for a lease statement to carry its unlock before it is
@@ -225,6 +228,15 @@ const UNLOCK_DELAY: Duration = Duration::from_millis(2);
 impl LeaseSession {
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u64>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The lease of a new thread whose take was deferred and not sent yet.
+    fn deferred_for(&self, thread: &str) -> Option<Arc<HeldLock>> {
+        let deferred = self.deferred.lock().unwrap_or_else(PoisonError::into_inner);
+        if deferred.is_empty() {
+            return None;
+        }
+        deferred.get(thread)?.upgrade()
     }
 
     /// Takes the keys waiting to be unlocked on the session of `generation` (those of an older
@@ -262,13 +274,36 @@ impl LeaseSession {
 struct HeldLock {
     session: Arc<LeaseSession>,
     key: i64,
-    generation: u64,
+    /// The lease session's generation that holds the lock; 0 while a deferred take is not sent.
+    generation: AtomicU64,
+    /// The thread's row id, if the lease learnt it after it was made (a deferred take's).
+    tid: OnceLock<i64>,
+    /// A new thread's take, deferred (see [`Checkpointer::begin_new`]).
+    deferred: Option<Deferred>,
     /// The heads this lease knows: while it holds the lock no other runner commits to the thread,
     /// so each head it committed or read stays the head until its next commit.
     heads: Mutex<KnownHeads>,
     /// Whether something this lease stored may not be durable yet: its take, or a lazy commit
     /// ([`Checkpointer::commit_lazy`]), with no durable commit since.
     unflushed: AtomicBool,
+}
+
+/// A new thread's take and admission, not sent yet: they go with the run's first step commit
+/// ([`TAKE_NEW_STEP_SQL`]), or alone ([`TAKE_NEW_SQL`]) when something else needs the thread
+/// stored first (a pending write, a commit that cannot go with them, the run's flush).
+///
+/// Safe to run the first step before the take because nobody else can name the thread: its id
+/// was minted for this run ([`crate::Graph::new_thread`]). A runner that took the thread
+/// meanwhile (someone was told the id after all) holds its lock: the take is refused.
+struct Deferred {
+    thread: String,
+    graph: GraphIdentity,
+    owner: String,
+    admission: StepCommit,
+    /// Whether the take went through; its lock is held while it is sent.
+    sent: tokio::sync::Mutex<bool>,
+    /// `sent`, readable without waiting.
+    taken: AtomicBool,
 }
 
 /// Heads of a thread known to its lease holder, and where no pending write is stored.
@@ -298,7 +333,22 @@ struct Known {
     clean_at: Option<u64>,
 }
 
+/// The lease's lock, if the lease is one of PostgreSQL's.
+fn held_lock(lease: &Lease) -> Option<&HeldLock> {
+    lease.guard::<Arc<HeldLock>>().map(|held| &**held)
+}
+
+/// The thread's row id, if the lease knows it.
+fn tid_of(lease: &Lease) -> Option<i64> {
+    lease.handle.or_else(|| held_lock(lease)?.tid.get().copied())
+}
+
 impl HeldLock {
+    /// Whether the lease is a new thread's whose take was not sent yet.
+    fn is_deferred(&self) -> bool {
+        self.deferred.as_ref().is_some_and(|deferred| !deferred.taken.load(Ordering::Acquire))
+    }
+
     fn heads(&self) -> std::sync::MutexGuard<'_, KnownHeads> {
         self.heads.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -329,14 +379,24 @@ impl HeldLock {
 
 impl Drop for HeldLock {
     fn drop(&mut self) {
+        if let Some(deferred) = &self.deferred {
+            let mut waiting = self.session.deferred.lock().unwrap_or_else(PoisonError::into_inner);
+            if waiting.get(&deferred.thread).is_some_and(|w| w.strong_count() == 0) {
+                waiting.remove(&deferred.thread);
+            }
+        }
+        let generation = *self.generation.get_mut();
+        if generation == 0 {
+            return; // never taken: no lock to release
+        }
         {
             let mut held = self.session.held();
-            if held.get(&self.key) == Some(&self.generation) {
+            if held.get(&self.key) == Some(&generation) {
                 held.remove(&self.key);
             }
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        self.session.unlocks.lock().unwrap_or_else(PoisonError::into_inner).push((self.key, self.generation));
+        self.session.unlocks.lock().unwrap_or_else(PoisonError::into_inner).push((self.key, generation));
         let session = Arc::clone(&self.session);
         runtime.spawn(async move {
             tokio::time::sleep(UNLOCK_DELAY).await;
@@ -410,7 +470,7 @@ impl Batch {
         for (n, (lease, commit)) in commits.iter().enumerate() {
             let ckpt = &commit.checkpoint;
             batch.thread.push(commit.thread.clone());
-            batch.handle.push(lease.handle);
+            batch.handle.push(tid_of(lease));
             batch.ns.push(commit.ns.clone());
             batch.epoch.push(lease.epoch as i64);
             batch.id.push(ckpt.id as i64);
@@ -723,6 +783,79 @@ saved AS (
 SELECT lock.locked, bumped.tid, bumped.epoch FROM lock CROSS JOIN unlocked LEFT JOIN bumped ON true"
 );
 
+/// A new thread's take ([`TAKE_NEW_SQL`], [`TAKE_NEW_STEP_SQL`]) without its answer's end:
+/// the lock (`$5`), the thread row (`$1`..`$4`, epoch 1) unless a thread of that id exists, and
+/// with it the admission (`$7`..`$15`: id, parent, step, source, body, metadata, and its values'
+/// channels, bases and bytes). If the thread existed, `found` reads it, and whether its first
+/// checkpoint is this very admission (`ours`): the statement's earlier try, whose answer was lost.
+macro_rules! take_new {
+    ($lock:literal, $step:literal, $stepped:literal) => {
+        concat!(
+            "WITH lock AS (\n    SELECT pg_try_advisory_lock($5) AS locked",
+            $lock,
+            r"
+),
+unlocked AS (
+    SELECT count(pg_advisory_unlock(k)) AS n FROM unnest($6::int8[]) AS k
+),
+made AS (
+    INSERT INTO agentic.threads (thread_id, graph_name, graph_hash, owner, epoch)
+    SELECT $1, $2, $3, $4, 1 FROM lock WHERE locked
+    ON CONFLICT (thread_id) DO NOTHING
+    RETURNING tid
+),
+admitted AS (
+    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
+    SELECT tid, '', $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15 FROM made
+),",
+            $step,
+            r"
+found AS (
+    SELECT t.tid, t.epoch,
+        EXISTS (SELECT 1 FROM agentic.checkpoints k
+                WHERE k.tid = t.tid AND k.ns = '' AND k.id = $7 AND k.metadata = $12::jsonb) AS ours,
+        ",
+            $stepped,
+            r" AS stepped
+    FROM agentic.threads t
+    WHERE t.thread_id = $1 AND NOT EXISTS (SELECT 1 FROM made)
+)
+SELECT lock.locked, made.tid AS made, found.tid AS found, found.epoch,
+    coalesce(found.ours, false) AS ours, coalesce(found.stepped, false) AS stepped
+FROM lock CROSS JOIN unlocked LEFT JOIN made ON true LEFT JOIN found ON true"
+        )
+    };
+}
+
+/// A new thread's deferred take (see [`Deferred`]) alone: its lock, its row and its admission,
+/// committed without waiting for the WAL flush as [`TAKE_SQL`] is.
+const TAKE_NEW_SQL: &str = take_new!(", set_config('synchronous_commit', 'off', true) AS async", "", "false");
+
+/// [`TAKE_NEW_SQL`] with the run's first step commit (`$16`..`$24`, as `$7`..`$15`), durably:
+/// a new thread's run starts with no round trip of its own. `stepped`: the thread found holds
+/// that step's checkpoint.
+const TAKE_NEW_STEP_SQL: &str = take_new!(
+    "",
+    r"
+stepped AS (
+    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
+    SELECT tid, '', $16, $17, $18, $19, $20, $21::jsonb, $22, $23, $24 FROM made
+),",
+    "EXISTS (SELECT 1 FROM agentic.checkpoints k WHERE k.tid = t.tid AND k.ns = '' AND k.id = $16)"
+);
+
+/// What [`TAKE_NEW_SQL`] or [`TAKE_NEW_STEP_SQL`] did: `made` is the new thread's row id; with
+/// `locked` and no `made`, `found` is the thread of that id that existed.
+#[derive(sqlx::FromRow)]
+struct TakenNew {
+    locked: bool,
+    made: Option<i64>,
+    found: Option<i64>,
+    epoch: Option<i64>,
+    ours: bool,
+    stepped: bool,
+}
+
 /// What [`PostgresCheckpointer::take`] got: the statement's answer, the highest checkpoint id,
 /// the lease session's generation, and an existing thread's root head row.
 struct Took {
@@ -814,6 +947,7 @@ impl PostgresCheckpointer {
             conn: tokio::sync::Mutex::new((0, None)),
             held: Mutex::default(),
             unlocks: Mutex::default(),
+            deferred: Mutex::default(),
         });
         let direct = PostgresCheckpointer {
             pool,
@@ -839,6 +973,16 @@ impl PostgresCheckpointer {
     /// [`Checkpointer::commit`], or with `lazy` [`Checkpointer::commit_lazy`]: lazy only on the
     /// lease's session, alone; anywhere else the commit is durable.
     async fn commit_with(&self, lease: &Lease, commit: &StepCommit, lazy: bool) -> Result<()> {
+        if let Some(held) = held_lock(lease)
+            && held.is_deferred()
+        {
+            // The commit goes with the take if it can go on the lease session (no other lease
+            // there: see `leased_commit`); otherwise the take goes first, then the commit.
+            let alone = !lazy && self.leases.held().is_empty();
+            if self.send_deferred(held, Some(commit).filter(|_| alone)).await? {
+                return Ok(());
+            }
+        }
         if let Some(committer) = &self.committer {
             // No statement in flight: no other commit to share one with, so commit here rather
             // than hand over to a committer task (a wake-up of another worker thread each way).
@@ -986,7 +1130,7 @@ impl PostgresCheckpointer {
         let mut conn = self.commit_conns.take(&self.pool).await?;
         let query = sqlx::query(SOLO_COMMIT_SQL)
             .bind(&commit.thread)
-            .bind(lease.handle)
+            .bind(tid_of(lease))
             .bind(&commit.ns)
             .bind(lease.epoch as i64);
         let won: i64 = bind_row(query, ckpt, body, metadata, blobs)
@@ -1008,8 +1152,8 @@ impl PostgresCheckpointer {
     /// cannot go there: the lease is not one of this checkpointer's, its session is gone (the
     /// lock with it: the fenced statement decides), or its blobs do not fit in its row.
     async fn leased_commit(&self, lease: &Lease, commit: &StepCommit, lazy: bool) -> Option<Result<()>> {
-        let held = lease.guard::<HeldLock>()?;
-        let tid = lease.handle?;
+        let held = held_lock(lease)?;
+        let tid = tid_of(lease)?;
         // Only for a lone runner: the session also takes and releases every lease, which would
         // wait for this commit's WAL flush while other runners come and go.
         if !Arc::ptr_eq(&held.session, &self.leases) || self.leases.held().len() > 1 {
@@ -1024,7 +1168,7 @@ impl PostgresCheckpointer {
         let seen = self.writes_seen.load(Ordering::Acquire);
         let (known, fold) = held.knows_head(&commit.ns, ckpt.expected_head, seen);
         let mut guard = self.leases.conn.lock().await;
-        if guard.0 != held.generation {
+        if guard.0 != held.generation.load(Ordering::Acquire) {
             return None;
         }
         let conn = guard.1.as_mut()?;
@@ -1086,7 +1230,7 @@ impl PostgresCheckpointer {
             .bind(refused.iter().map(|&i| todo[i].1.thread.as_str()).collect::<Vec<_>>())
             .bind(refused.iter().map(|&i| todo[i].1.ns.as_str()).collect::<Vec<_>>())
             .bind(i64s(refused.iter().map(|&i| todo[i].1.checkpoint.id)))
-            .bind(refused.iter().map(|&i| todo[i].0.handle).collect::<Vec<_>>())
+            .bind(refused.iter().map(|&i| tid_of(todo[i].0)).collect::<Vec<_>>())
             .fetch_all(&self.pool)
             .await
             .map_err(pg_error("commit"))?;
@@ -1210,17 +1354,7 @@ impl PostgresCheckpointer {
         let key = lease_key(request.thread);
         let seen = self.writes_seen.load(Ordering::Acquire);
         let Some(Took { taken, max_seq, generation, head }) = self.take(request, key, admission).await? else {
-            let owner: Option<Option<String>> =
-                sqlx::query_scalar("SELECT owner FROM agentic.threads WHERE thread_id = $1")
-                    .bind(request.thread)
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(pg_error("acquire"))?;
-            return Err(Error::LeaseHeld {
-                thread: request.thread.to_owned(),
-                owner: owner.flatten().unwrap_or_default(),
-                until: until_words(None),
-            });
+            return Err(self.lease_held(request.thread).await);
         };
         let epoch = taken.epoch.unwrap_or_default() as u64;
         let admitted = admission.is_some() && epoch == 1;
@@ -1237,12 +1371,169 @@ impl PostgresCheckpointer {
         let guard = HeldLock {
             session: Arc::clone(&self.leases),
             key,
-            generation,
+            generation: AtomicU64::new(generation),
+            tid: OnceLock::new(),
+            deferred: None,
             heads: Mutex::new(known),
             unflushed: AtomicBool::new(true),
         };
-        let lease = Lease::new(request.thread, request.owner, epoch, max_seq, Some(Box::new(guard)));
+        let lease = Lease::new(request.thread, request.owner, epoch, max_seq, Some(Box::new(Arc::new(guard))));
         Ok((lease.with_handle(taken.tid), admitted, head))
+    }
+
+    /// [`Error::LeaseHeld`] for a thread whose lock another runner holds, naming its owner.
+    async fn lease_held(&self, thread: &str) -> Error {
+        let owner: std::result::Result<Option<Option<String>>, _> =
+            sqlx::query_scalar("SELECT owner FROM agentic.threads WHERE thread_id = $1")
+                .bind(thread)
+                .fetch_optional(&self.pool)
+                .await;
+        match owner {
+            Ok(owner) => Error::LeaseHeld {
+                thread: thread.to_owned(),
+                owner: owner.flatten().unwrap_or_default(),
+                until: until_words(None),
+            },
+            Err(err) => pg_error("acquire")(err),
+        }
+    }
+
+    /// A new thread's lease whose take waits for the run's first need of the thread (see
+    /// [`Deferred`]): nothing is sent.
+    fn defer_take(&self, request: &LeaseRequest<'_>, admission: &StepCommit) -> Lease {
+        let seen = self.writes_seen.load(Ordering::Acquire);
+        let id = admission.checkpoint.id;
+        // No checkpoint but the admission, and no pending write, until the take is sent.
+        let mut known = KnownHeads { born: Some(seen), heads: HashMap::new() };
+        known.heads.insert(String::new(), Known { head: Some(id), clean_at: Some(seen) });
+        let held = Arc::new(HeldLock {
+            session: Arc::clone(&self.leases),
+            key: lease_key(request.thread),
+            generation: AtomicU64::new(0),
+            tid: OnceLock::new(),
+            deferred: Some(Deferred {
+                thread: request.thread.to_owned(),
+                graph: request.graph.clone(),
+                owner: request.owner.to_owned(),
+                admission: admission.clone(),
+                sent: tokio::sync::Mutex::new(false),
+                taken: AtomicBool::new(false),
+            }),
+            heads: Mutex::new(known),
+            unflushed: AtomicBool::new(true),
+        });
+        {
+            let mut waiting = self.leases.deferred.lock().unwrap_or_else(PoisonError::into_inner);
+            waiting.insert(request.thread.to_owned(), Arc::downgrade(&held));
+        }
+        Lease::new(request.thread, request.owner, 1, id, Some(Box::new(held)))
+    }
+
+    /// Sends a deferred take (see [`Deferred`]) if it was not sent, with `first` if that is the
+    /// commit of the run's first step on the admission and fits in its row: then that commit is
+    /// made with the take, durably, and the answer is `true`. Alone, the take commits without
+    /// waiting for the WAL flush, as every take does (see [`TAKE_SQL`]).
+    ///
+    /// A take whose answer was lost is sent again: finding the thread made with this very
+    /// admission (and epoch 1: nobody took it since), it adopts it, and its commit if that
+    /// landed too.
+    async fn send_deferred(&self, held: &HeldLock, first: Option<&StepCommit>) -> Result<bool> {
+        let Some(deferred) = &held.deferred else { return Ok(false) };
+        if deferred.taken.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let mut sent = deferred.sent.lock().await;
+        if *sent {
+            return Ok(false);
+        }
+        let admission = &deferred.admission;
+        let admitted_id = admission.checkpoint.id;
+        let first = first.and_then(|commit| {
+            let fits = commit.ns.is_empty()
+                && commit.thread == deferred.thread
+                && commit.checkpoint.expected_head == Some(admitted_id);
+            Some((commit, inline_blobs(commit).filter(|_| fits)?))
+        });
+        let admission_blobs = inline_blobs(admission)
+            .ok_or_else(|| Error::InvalidState("an admission writes versions of its own".into()))?;
+        let (body, metadata) = encode_row(&admission.checkpoint)?;
+        let first_row = first.as_ref().map(|(commit, _)| encode_row(&commit.checkpoint)).transpose()?;
+        let seen = self.writes_seen.load(Ordering::Acquire);
+        let fail = pg_error("acquire");
+        let mut guard = self.leases.conn.lock().await;
+        for attempt in 0..2 {
+            if guard.1.is_none() {
+                let conn = self.leases.options.connect().await.map_err(&fail)?;
+                guard.0 += 1;
+                guard.1 = Some(conn);
+            }
+            let generation = guard.0;
+            let Some(conn) = guard.1.as_mut() else { continue };
+            let query = sqlx::query(if first.is_some() { TAKE_NEW_STEP_SQL } else { TAKE_NEW_SQL })
+                .bind(&deferred.thread)
+                .bind(&deferred.graph.name)
+                .bind(&deferred.graph.hash)
+                .bind(&deferred.owner)
+                .bind(held.key)
+                .bind(self.leases.take_unlocks(generation));
+            let mut query =
+                bind_row(query, &admission.checkpoint, body.clone(), metadata.clone(), admission_blobs.clone());
+            if let (Some((commit, blobs)), Some((body, metadata))) = (&first, &first_row) {
+                query = bind_row(query, &commit.checkpoint, body.clone(), metadata.clone(), blobs.clone());
+            }
+            let answer = query.fetch_one(&mut *conn).await.and_then(|row| TakenNew::from_row(&row));
+            let taken = match answer {
+                Ok(taken) => taken,
+                // The session may have died (server restart, terminated): one more try on a new
+                // one, which adopts what this one stored if it landed.
+                Err(err)
+                    if attempt == 0 && store_error(BACKEND, "acquire", &err, transient_sqlstate).is_transient() =>
+                {
+                    guard.1 = None;
+                    continue;
+                }
+                Err(err) => {
+                    guard.1 = None;
+                    return Err(fail(err));
+                }
+            };
+            if !taken.locked {
+                drop(guard);
+                return Err(self.lease_held(&deferred.thread).await);
+            }
+            let tid = match (taken.made, taken.found) {
+                (Some(tid), _) => tid,
+                (None, Some(tid)) if taken.epoch == Some(1) && taken.ours => tid,
+                _ => {
+                    // Another run's thread: its lock is given back at once (the lease holds
+                    // nothing, and a try again refused again takes and gives back again).
+                    let unlocked =
+                        sqlx::query("SELECT pg_advisory_unlock($1)").bind(held.key).execute(&mut *conn).await;
+                    if unlocked.is_err() {
+                        guard.1 = None;
+                    }
+                    return Err(Error::InvalidState(format!(
+                        "new thread `{}` exists already: its id was used by another run",
+                        deferred.thread
+                    )));
+                }
+            };
+            drop(guard);
+            // The lock is held, on this session: the lease releases it when dropped.
+            held.generation.store(generation, Ordering::Release);
+            self.leases.held().insert(held.key, generation);
+            let _ = held.tid.set(tid);
+            *sent = true;
+            deferred.taken.store(true, Ordering::Release);
+            self.leases.deferred.lock().unwrap_or_else(PoisonError::into_inner).remove(&deferred.thread);
+            let stored = first.is_some() && (taken.made.is_some() || taken.stepped);
+            if let Some((commit, _)) = first.filter(|_| stored) {
+                held.settle(&commit.ns, Some(commit.checkpoint.id), Some(seen));
+                held.unflushed.store(false, Ordering::Release);
+            }
+            return Ok(stored);
+        }
+        Err(Error::Checkpoint { backend: BACKEND, message: "acquire: no lease session".to_owned(), transient: true })
     }
 
     /// The highest checkpoint id of a thread, across its namespaces, and the root namespace's
@@ -1427,7 +1718,7 @@ fn judge(lease: &Lease, commit: &StepCommit, verdict: &Verdict) -> Refusal {
 
 /// Records a fenced commit's outcome in the heads its lease knows.
 fn settled(lease: &Lease, commit: &StepCommit, result: Result<()>) -> Result<()> {
-    if let Some(held) = lease.guard::<HeldLock>() {
+    if let Some(held) = held_lock(lease) {
         // Folded, but writes may have been counted while the statement ran: not known clean.
         held.settle(&commit.ns, result.is_ok().then_some(commit.checkpoint.id), None);
         if result.is_ok() {
@@ -1476,6 +1767,13 @@ impl Checkpointer for PostgresCheckpointer {
         Ok(Begun { lease, admitted, head })
     }
 
+    async fn begin_new(&self, request: LeaseRequest<'_>, admission: &StepCommit) -> Result<Begun> {
+        if !is_first(admission, request.thread) || inline_blobs(admission).is_none() {
+            return self.begin(request, Some(admission)).await;
+        }
+        Ok(Begun { lease: self.defer_take(&request, admission), admitted: true, head: None })
+    }
+
     async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>> {
         let row: Option<ThreadRow> =
             sqlx::query_as("SELECT graph_name, graph_hash, epoch, owner FROM agentic.threads WHERE thread_id = $1")
@@ -1495,7 +1793,11 @@ impl Checkpointer for PostgresCheckpointer {
     }
 
     async fn flush(&self, lease: &Lease) -> Result<()> {
-        let (Some(held), Some(tid)) = (lease.guard::<HeldLock>(), lease.handle) else { return Ok(()) };
+        let Some(held) = held_lock(lease) else { return Ok(()) };
+        // A run that ends before anything stored its new thread stores it now (an interrupt
+        // before the first node, a failed first step): it is reported, so it must exist.
+        self.send_deferred(held, None).await?;
+        let Some(tid) = tid_of(lease) else { return Ok(()) };
         if !held.unflushed.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
@@ -1551,6 +1853,10 @@ impl Checkpointer for PostgresCheckpointer {
     }
 
     async fn put_writes(&self, step: StepRef<'_>, writes: &[PendingWrite]) -> Result<PutOutcome> {
+        // A write against a new thread's admission needs the thread stored (see [`Deferred`]).
+        if let Some(held) = self.leases.deferred_for(step.thread) {
+            self.send_deferred(&held, None).await?;
+        }
         // Stored only while the checkpoint is its namespace's head. Writes that checked the head
         // before a commit moving it landed, and were stored after, are deleted by the next commit
         // that folds (it folds every checkpoint up to its parent; see `KnownHeads`). The first
@@ -1791,5 +2097,64 @@ mod tests {
     fn lease_keys_differ_per_thread_and_are_stable() {
         assert_eq!(lease_key("a"), lease_key("a"));
         assert_ne!(lease_key("a"), lease_key("b"));
+    }
+
+    /// Checkpoint `id` of thread `t`, on `parent`, with `metadata`.
+    fn commit(id: u64, parent: Option<u64>, metadata: serde_json::Value) -> StepCommit {
+        StepCommit {
+            thread: "t".to_owned(),
+            ns: String::new(),
+            checkpoint: NewCheckpoint {
+                id,
+                parent,
+                expected_head: parent,
+                step: id - 1,
+                source: if parent.is_none() { super::super::Source::Input } else { super::super::Source::Loop },
+                body: Arc::default(),
+                metadata: Arc::new(metadata.into()),
+            },
+            blobs: Vec::new(),
+        }
+    }
+
+    /// A deferred take sent again after its answer was lost (the session died after the commit)
+    /// finds the thread it made, with its admission and first step: it adopts both, and the
+    /// lease commits on. A take that finds the thread made by another admission is refused.
+    #[sqlx::test(migrations = false)]
+    async fn a_deferred_take_sent_again_adopts_what_it_stored(pool: PgPool) {
+        let store = PostgresCheckpointer::from_pool(pool.clone()).await.unwrap();
+        let graph = GraphIdentity { name: "g".to_owned(), hash: "h".to_owned() };
+        let request = LeaseRequest { thread: "t", owner: "me", graph: &graph, allow_graph_change: false };
+        let admission = commit(1, None, serde_json::json!({"admit": "a1"}));
+        let first = commit(2, Some(1), serde_json::json!({}));
+
+        let lease = store.defer_take(&request, &admission);
+        let held = held_lock(&lease).unwrap();
+        assert!(held.is_deferred());
+        assert!(store.send_deferred(held, Some(&first)).await.unwrap(), "the first step went with the take");
+        assert!(!held.is_deferred());
+        let tid = tid_of(&lease).unwrap();
+        // The answer was lost: the lease does not know the take went through.
+        let deferred = held.deferred.as_ref().unwrap();
+        *deferred.sent.lock().await = false;
+        deferred.taken.store(false, Ordering::Release);
+        assert!(store.send_deferred(held, Some(&first)).await.unwrap(), "adopted with its first step");
+        assert_eq!(tid_of(&lease), Some(tid));
+        let stored: Vec<i64> = sqlx::query_scalar("SELECT id FROM agentic.checkpoints WHERE tid = $1 ORDER BY id")
+            .bind(tid)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(stored, [1, 2], "stored once");
+        store.commit(&lease, &commit(3, Some(2), serde_json::json!({}))).await.unwrap();
+        assert_eq!(store.head("t", "").await.unwrap(), Some(3));
+        drop(lease);
+
+        // Another admission under the same id: not this take's, so not adopted.
+        let other = commit(1, None, serde_json::json!({"admit": "a2"}));
+        let lease = store.defer_take(&request, &other);
+        let refused = store.send_deferred(held_lock(&lease).unwrap(), None).await;
+        assert!(matches!(&refused, Err(Error::InvalidState(m)) if m.contains("exists already")), "{refused:?}");
+        assert_eq!(store.head("t", "").await.unwrap(), Some(3), "nothing of it stored");
     }
 }
