@@ -55,6 +55,14 @@ impl Checkpointer for Recorder {
         Ok(begun)
     }
 
+    async fn begin_new(&self, request: LeaseRequest<'_>, admission: &StepCommit) -> Result<Begun> {
+        let begun = self.inner.begin_new(request, admission).await?;
+        if begun.admitted {
+            self.log().push(admission.clone());
+        }
+        Ok(begun)
+    }
+
     async fn thread(&self, thread: &str) -> Result<Option<ThreadInfo>> {
         self.inner.thread(thread).await
     }
@@ -134,14 +142,16 @@ impl Replay {
     }
 
     /// Replays the run on fresh threads `{prefix}-0`, `{prefix}-1`, ... until `deadline` (each
-    /// run finished, at least one), as `owner`: `begin` with the admission, then every step's
-    /// commit, one after the other.
+    /// run finished, at least one), as `owner`: `begin_new` with the admission (the threads are
+    /// this replay's alone, as a minted thread is its run's), or with `named` `begin` (as a run
+    /// on a thread its caller named), then every step's commit, one after the other.
     pub async fn until(
         &mut self,
         store: &dyn Checkpointer,
         prefix: &str,
         owner: &str,
         deadline: Instant,
+        named: bool,
     ) -> Result<Replayed> {
         let mut done = Replayed::default();
         loop {
@@ -151,7 +161,11 @@ impl Replay {
             }
             let (admission, steps) = self.run.split_first().ok_or_else(|| Error::InvalidState("empty run".into()))?;
             let request = LeaseRequest { thread: &thread, owner, graph: &self.graph, allow_graph_change: false };
-            let begun = store.begin(request, Some(admission)).await?;
+            let begun = if named {
+                store.begin(request, Some(admission)).await?
+            } else {
+                store.begin_new(request, admission).await?
+            };
             if !begun.admitted {
                 return Err(Error::InvalidState(format!("replay: thread `{thread}` was not new")));
             }
@@ -197,7 +211,7 @@ mod tests {
 
         let store = MemoryCheckpointer::new();
         let mut replay = Replay::new(run, identity)?;
-        let done = replay.until(&store, "copy", "replayer", Instant::now()).await?;
+        let done = replay.until(&store, "copy", "replayer", Instant::now(), false).await?;
         assert_eq!(done, Replayed { runs: 1, commits: 2 });
         let copy = store.load("copy-0", "", None).await?.expect("the replayed thread has a head");
         let original = recording.get_state("original").await?.expect("the recorded thread has a state");
@@ -206,7 +220,7 @@ mod tests {
         assert_eq!(copy.values.get("log"), Some(&json!(["a", "b"])));
         assert_eq!(original.values.value("n"), copy.values.get("n"));
         // A thread that exists is not replayed over.
-        let again = replay.until(&store, "copy", "replayer", Instant::now()).await;
+        let again = replay.until(&store, "copy", "replayer", Instant::now(), true).await;
         assert!(matches!(again, Err(Error::InvalidState(message)) if message.contains("copy-0")));
         assert_eq!(store.load("copy-0", "", None).await?.map(|c| c.id), Some(3));
         Ok(())

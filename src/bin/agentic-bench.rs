@@ -1105,13 +1105,14 @@ impl Bench {
         recording.invoke("record", Input::Start(input_for(Shape::Chain)), &config).await?;
         let replay = Replay::new(recorder.take(), identity)?;
         let store = self.store("profile-store-alone").await?;
+        let named = args.named_threads;
         let replay_for = |secs: f64, label: &str| {
             let deadline = Instant::now() + Duration::from_secs_f64(secs);
             let tasks: Vec<_> = (0..args.threads)
                 .map(|w| {
                     let (mut replay, store) = (replay.clone(), Arc::clone(&store));
                     let (prefix, owner) = (format!("{}-{label}-w{w}", self.prefix), config.owner.clone());
-                    tokio::spawn(async move { replay.until(&*store, &prefix, &owner, deadline).await })
+                    tokio::spawn(async move { replay.until(&*store, &prefix, &owner, deadline, named).await })
                 })
                 .collect();
             async move {
@@ -1128,8 +1129,9 @@ impl Bench {
         let commits = replay_for(secs, "store-alone").await?;
         let (cpu1, server1, elapsed) = (process_cpu_ms(), postgres_cpu_ms(), t.elapsed().as_secs_f64());
         Ok(per_commit_figures(
-            "one chain invoke's commits (admission with the lease, then 10 step commits) replayed on fresh \
-                threads straight into the store: the chain's rows, statements and round trips, without the engine \
+            "one chain invoke's commits (its admission, then 10 step commits; the lease and admission with the \
+                first step's commit, or with --named-threads before it) replayed on fresh threads straight into the \
+                store: the chain's rows, statements and round trips, without the engine \
                 (no node run, no step applied, no value encoded; the store still encodes each checkpoint's body \
                 and metadata, as it does for the chain)",
             commits,
@@ -1156,7 +1158,7 @@ impl Bench {
             Option<Vec<Vec<u8>>>,
         );
         let pg = self.pg.as_mut().context("driver_alone needs PostgreSQL")?;
-        // One replayed run's step rows (its admission, source `input`, rides on the lease statement).
+        // One replayed run's step rows (not its admission, source `input`: that goes with the lease).
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT id, parent, step, body, metadata::text, channels, bases, data FROM agentic.checkpoints
              WHERE tid = (SELECT min(tid) FROM agentic.checkpoints) AND ns = '' AND source = 'loop' ORDER BY id",
@@ -1659,6 +1661,8 @@ static STATEMENT_LOG: LazyLock<Mutex<HashMap<String, (u64, f64)>>> = LazyLock::n
 /// Statements of the runtime recognised by a fragment of their text; others are named by
 /// their first words.
 const STATEMENT_LABELS: &[(&str, &str)] = &[
+    ("stepped AS", "new thread's first step: advisory lock, thread row, admission and the step's checkpoint (durable)"),
+    ("ON CONFLICT (thread_id) DO NOTHING", "acquire a new thread's lease alone: advisory lock, thread row, admission"),
     ("FROM fresh", "acquire lease + admission: advisory lock, thread epoch bump, a new thread's first checkpoint"),
     ("pg_try_advisory_lock", "acquire lease: advisory lock + thread epoch bump"),
     ("WITH RECURSIVE spaces", "acquire lease: highest checkpoint id and root head"),

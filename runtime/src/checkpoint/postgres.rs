@@ -13,6 +13,10 @@
 //!   Otherwise, or once the lease's session is gone, the fenced statement: the thread row locked
 //!   FOR SHARE with the lease's epoch, the same head check, the rows. That statement takes a
 //!   batch of commits of different threads ([`PostgresCheckpointer::commit_batch`]).
+//! - A new thread minted for its run ([`Checkpointer::begin_new`]) is taken by its first step's
+//!   commit: one durable statement takes the lock, makes the thread row and stores the admission
+//!   and the step ([`Deferred`]). Nobody else can name that thread, so nothing contends for it
+//!   while its first step runs.
 //! - A lazy commit (a run's admission on an existing thread) runs on the lease session without
 //!   waiting for its WAL flush, as the take does; the lease's next durable commit, or its flush
 //!   as the run ends, makes both durable.
