@@ -187,6 +187,21 @@ async fn new_threads_are_ordinary_threads_once_run(store: Arc<dyn Checkpointer>)
     let again = graph.invoke(&id, Input::Start(input()), &config).await.unwrap();
     assert_eq!(again.state().unwrap().to_json()["total"], json!(22));
 
+    // Refused before anything is stored: a fork (a new thread has no checkpoint), an input that
+    // does not apply (an unknown channel).
+    let thread = graph.new_thread();
+    let forked = thread.id().to_owned();
+    let fork = RunConfig { checkpoint: Some(1), ..RunConfig::default() };
+    let refused = graph.invoke_new(thread, input(), &fork).await;
+    assert!(matches!(&refused, Err(Error::InvalidState(m)) if m.contains("fork")), "{refused:?}");
+    let thread = graph.new_thread();
+    let unknown = thread.id().to_owned();
+    let refused = graph.invoke_new(thread, Update::new().set("nope", 1), &config).await;
+    assert!(refused.is_err(), "an unknown channel is refused: {refused:?}");
+    for id in [forked, unknown] {
+        assert_eq!(store.thread(&id).await.unwrap(), None, "nothing stored for a refused run");
+    }
+
     let thread = graph.new_thread();
     let taken = thread.id().to_owned();
     graph.invoke(&taken, Input::Start(input()), &config).await.unwrap();
