@@ -1534,6 +1534,10 @@ impl PostgresCheckpointer {
             if let Some((commit, _)) = first.filter(|_| stored) {
                 held.settle(&commit.ns, Some(commit.checkpoint.id), Some(seen));
                 held.unflushed.store(false, Ordering::Release);
+            } else if taken.made.is_none() {
+                // Adopted: an earlier try may have stored more than this one knows of (its step):
+                // the next commit checks the head.
+                held.settle("", None, None);
             }
             return Ok(stored);
         }
@@ -2140,8 +2144,12 @@ mod tests {
         let tid = tid_of(&lease).unwrap();
         // The answer was lost: the lease does not know the take went through.
         let deferred = held.deferred.as_ref().unwrap();
-        *deferred.sent.lock().await = false;
-        deferred.taken.store(false, Ordering::Release);
+        let lose_answer = || async {
+            *deferred.sent.lock().await = false;
+            deferred.taken.store(false, Ordering::Release);
+            held.settle("", Some(1), Some(store.writes_seen.load(Ordering::Acquire)));
+        };
+        lose_answer().await;
         assert!(store.send_deferred(held, Some(&first)).await.unwrap(), "adopted with its first step");
         assert_eq!(tid_of(&lease), Some(tid));
         let stored: Vec<i64> = sqlx::query_scalar("SELECT id FROM agentic.checkpoints WHERE tid = $1 ORDER BY id")
@@ -2150,6 +2158,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(stored, [1, 2], "stored once");
+        // Lost again, and sent again alone (without the step): adopted; the step's commit, tried
+        // again, finds itself stored.
+        lose_answer().await;
+        assert!(!store.send_deferred(held, None).await.unwrap(), "adopted, its step not sent");
+        store.commit(&lease, &first).await.unwrap();
         store.commit(&lease, &commit(3, Some(2), serde_json::json!({}))).await.unwrap();
         assert_eq!(store.head("t", "").await.unwrap(), Some(3));
         drop(lease);
