@@ -234,6 +234,16 @@ impl LeaseSession {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Opens the session anew (a new generation: the old one's locks are gone) if it is gone.
+    async fn connect_if_gone(&self, session: &mut (u64, Option<PgConnection>)) -> std::result::Result<(), sqlx::Error> {
+        if session.1.is_none() {
+            let conn = self.options.connect().await?;
+            session.0 += 1;
+            session.1 = Some(conn);
+        }
+        Ok(())
+    }
+
     /// The lease of a new thread whose take was deferred and not sent yet.
     fn deferred_for(&self, thread: &str) -> Option<Arc<HeldLock>> {
         let deferred = self.deferred.lock().unwrap_or_else(PoisonError::into_inner);
@@ -1280,11 +1290,7 @@ impl PostgresCheckpointer {
             guard.1 = None; // the session died and its locks with it
         }
         for attempt in 0..2 {
-            if guard.1.is_none() {
-                let conn = self.leases.options.connect().await.map_err(&fail)?;
-                guard.0 += 1;
-                guard.1 = Some(conn);
-            }
+            self.leases.connect_if_gone(&mut guard).await.map_err(&fail)?;
             let generation = guard.0;
             let Some(conn) = guard.1.as_mut() else { continue };
             let mut query = sqlx::query_as(if admission.is_some() { TAKE_ADMIT_SQL } else { TAKE_SQL })
@@ -1466,11 +1472,7 @@ impl PostgresCheckpointer {
         let fail = pg_error("acquire");
         let mut guard = self.leases.conn.lock().await;
         for attempt in 0..2 {
-            if guard.1.is_none() {
-                let conn = self.leases.options.connect().await.map_err(&fail)?;
-                guard.0 += 1;
-                guard.1 = Some(conn);
-            }
+            self.leases.connect_if_gone(&mut guard).await.map_err(&fail)?;
             let generation = guard.0;
             let Some(conn) = guard.1.as_mut() else { continue };
             let query = sqlx::query(if first.is_some() { TAKE_NEW_STEP_SQL } else { TAKE_NEW_SQL })
