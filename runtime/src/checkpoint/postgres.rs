@@ -1008,7 +1008,9 @@ impl PostgresCheckpointer {
                 return settled(lease, commit, result);
             }
             let (reply, answer) = oneshot::channel();
-            let job = CommitJob { lease: lease.fencing_copy(), commit: commit.clone(), reply };
+            // A minted thread's lease learnt its row id after it was made: the copy carries it.
+            let job =
+                CommitJob { lease: lease.fencing_copy().with_handle(tid_of(lease)), commit: commit.clone(), reply };
             if committer.send(job).is_ok()
                 && let Ok(result) = answer.await
             {
