@@ -314,9 +314,9 @@ struct Deferred {
     graph: GraphIdentity,
     owner: String,
     admission: StepCommit,
-    /// Whether the take went through; its lock is held while it is sent.
-    sent: tokio::sync::Mutex<bool>,
-    /// `sent`, readable without waiting.
+    /// Held while the take is sent: one sender at a time.
+    sending: tokio::sync::Mutex<()>,
+    /// Whether the take went through.
     taken: AtomicBool,
 }
 
@@ -1428,7 +1428,7 @@ impl PostgresCheckpointer {
                 graph: request.graph.clone(),
                 owner: request.owner.to_owned(),
                 admission: admission.clone(),
-                sent: tokio::sync::Mutex::new(false),
+                sending: tokio::sync::Mutex::new(()),
                 taken: AtomicBool::new(false),
             }),
             heads: Mutex::new(known),
@@ -1454,9 +1454,9 @@ impl PostgresCheckpointer {
         if deferred.taken.load(Ordering::Acquire) {
             return Ok(false);
         }
-        let mut sent = deferred.sent.lock().await;
-        if *sent {
-            return Ok(false);
+        let _sending = deferred.sending.lock().await;
+        if deferred.taken.load(Ordering::Acquire) {
+            return Ok(false); // sent meanwhile by the caller that held the lock
         }
         let admission = &deferred.admission;
         let admitted_id = admission.checkpoint.id;
@@ -1531,7 +1531,6 @@ impl PostgresCheckpointer {
             held.generation.store(generation, Ordering::Release);
             self.leases.held().insert(held.key, generation);
             let _ = held.tid.set(tid);
-            *sent = true;
             deferred.taken.store(true, Ordering::Release);
             self.leases.deferred.lock().unwrap_or_else(PoisonError::into_inner).remove(&deferred.thread);
             let stored = first.is_some() && (taken.made.is_some() || taken.stepped);
@@ -2149,7 +2148,6 @@ mod tests {
         // The answer was lost: the lease does not know the take went through.
         let deferred = held.deferred.as_ref().unwrap();
         let lose_answer = || async {
-            *deferred.sent.lock().await = false;
             deferred.taken.store(false, Ordering::Release);
             held.settle("", Some(1), Some(store.writes_seen.load(Ordering::Acquire)));
         };
