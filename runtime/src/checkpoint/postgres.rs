@@ -797,13 +797,14 @@ saved AS (
 SELECT lock.locked, bumped.tid, bumped.epoch FROM lock CROSS JOIN unlocked LEFT JOIN bumped ON true"
 );
 
-/// A new thread's take ([`TAKE_NEW_SQL`], [`TAKE_NEW_STEP_SQL`]) without its answer's end:
-/// the lock (`$5`), the thread row (`$1`..`$4`, epoch 1) unless a thread of that id exists, and
-/// with it the admission (`$7`..`$15`: id, parent, step, source, body, metadata, and its values'
-/// channels, bases and bytes). If the thread existed, `found` reads it, and whether its first
-/// checkpoint is this very admission (`ours`): the statement's earlier try, whose answer was lost.
+/// A new thread's take ([`TAKE_NEW_SQL`], [`TAKE_NEW_STEP_SQL`]): the lock (`$5`), the thread
+/// row (`$1`..`$4`, epoch 1) unless a thread of that id exists, and with it the admission
+/// (`$7`..`$15`: id, parent, step, source, body, metadata, and its values' channels, bases and
+/// bytes), and `$rows` more rows. Whether a thread of that id existed is read only when no row was
+/// made ([`FOUND_NEW_SQL`]): an initialised but never executed probe of `threads` and two of
+/// `checkpoints` in this statement cost about a third of its server time.
 macro_rules! take_new {
-    ($lock:literal, $step:literal, $stepped:literal) => {
+    ($lock:literal, $rows:literal) => {
         concat!(
             "WITH lock AS (\n    SELECT pg_try_advisory_lock($5) AS locked",
             $lock,
@@ -820,54 +821,67 @@ made AS (
 ),
 admitted AS (
     INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
-    SELECT tid, '', $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15 FROM made
-),",
-            $step,
-            r"
-found AS (
-    SELECT t.tid, t.epoch,
-        EXISTS (SELECT 1 FROM agentic.checkpoints k
-                WHERE k.tid = t.tid AND k.ns = '' AND k.id = $7 AND k.metadata = $12::jsonb) AS ours,
-        ",
-            $stepped,
-            r" AS stepped
-    FROM agentic.threads t
-    WHERE t.thread_id = $1 AND NOT EXISTS (SELECT 1 FROM made)
+    SELECT made.tid, '', r.* FROM made, (VALUES ($7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15)",
+            $rows,
+            r") AS r
 )
-SELECT lock.locked, made.tid AS made, found.tid AS found, found.epoch,
-    coalesce(found.ours, false) AS ours, coalesce(found.stepped, false) AS stepped
-FROM lock CROSS JOIN unlocked LEFT JOIN made ON true LEFT JOIN found ON true"
+SELECT lock.locked, made.tid AS made FROM lock CROSS JOIN unlocked LEFT JOIN made ON true"
         )
     };
 }
 
 /// A new thread's deferred take (see [`Deferred`]) alone: its lock, its row and its admission,
 /// committed without waiting for the WAL flush as [`TAKE_SQL`] is.
-const TAKE_NEW_SQL: &str = take_new!(", set_config('synchronous_commit', 'off', true) AS async", "", "false");
+const TAKE_NEW_SQL: &str = take_new!(", set_config('synchronous_commit', 'off', true) AS async", "");
 
-/// [`TAKE_NEW_SQL`] with the run's first step commit (`$16`..`$24`, as `$7`..`$15`), durably:
-/// a new thread's run starts with no round trip of its own. `stepped`: the thread found holds
-/// that step's checkpoint.
-const TAKE_NEW_STEP_SQL: &str = take_new!(
-    "",
-    r"
-stepped AS (
-    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
-    SELECT tid, '', $16, $17, $18, $19, $20, $21::jsonb, $22, $23, $24 FROM made
-),",
-    "EXISTS (SELECT 1 FROM agentic.checkpoints k WHERE k.tid = t.tid AND k.ns = '' AND k.id = $16)"
-);
+/// [`TAKE_NEW_SQL`] with the run's first step commit (`$16`..`$24`, as `$7`..`$15`), in the same
+/// insert, durably: a new thread's run starts with no round trip of its own.
+const TAKE_NEW_STEP_SQL: &str = take_new!("", ", ($16, $17, $18, $19, $20, $21::jsonb, $22, $23, $24)");
 
-/// What [`TAKE_NEW_SQL`] or [`TAKE_NEW_STEP_SQL`] did: `made` is the new thread's row id; with
-/// `locked` and no `made`, `found` is the thread of that id that existed.
+/// After a new thread's take made no row though it got the lock: the thread of that id (`$1`),
+/// and whether its first checkpoint is this very admission (`ours`: id `$2`, metadata `$3`, which
+/// holds the take's random mark) and holds the first step's checkpoint (`stepped`: id `$4`),
+/// i.e. whether it is the take's earlier try, whose answer was lost.
+const FOUND_NEW_SQL: &str = r"
+SELECT t.tid, t.epoch,
+    EXISTS (SELECT 1 FROM agentic.checkpoints k
+            WHERE k.tid = t.tid AND k.ns = '' AND k.id = $2 AND k.metadata = $3::jsonb) AS ours,
+    EXISTS (SELECT 1 FROM agentic.checkpoints k WHERE k.tid = t.tid AND k.ns = '' AND k.id = $4) AS stepped
+FROM agentic.threads t
+WHERE t.thread_id = $1";
+
+/// What [`TAKE_NEW_SQL`] or [`TAKE_NEW_STEP_SQL`] did: `made` is the new thread's row id.
 #[derive(sqlx::FromRow)]
 struct TakenNew {
     locked: bool,
     made: Option<i64>,
-    found: Option<i64>,
-    epoch: Option<i64>,
+}
+
+/// What [`FOUND_NEW_SQL`] read: the thread that existed.
+#[derive(sqlx::FromRow)]
+struct FoundNew {
+    tid: i64,
+    epoch: i64,
     ours: bool,
     stepped: bool,
+}
+
+impl FoundNew {
+    async fn read(
+        conn: &mut PgConnection,
+        thread: &str,
+        admission: u64,
+        metadata: &str,
+        first: Option<u64>,
+    ) -> std::result::Result<Option<Self>, sqlx::Error> {
+        sqlx::query_as(FOUND_NEW_SQL)
+            .bind(thread)
+            .bind(admission as i64)
+            .bind(metadata)
+            .bind(first.map(|id| id as i64))
+            .fetch_optional(conn)
+            .await
+    }
 }
 
 /// What [`PostgresCheckpointer::take`] got: the statement's answer, the highest checkpoint id,
@@ -1489,9 +1503,18 @@ impl PostgresCheckpointer {
             if let (Some((commit, blobs)), Some((body, metadata))) = (&first, &first_row) {
                 query = bind_row(query, &commit.checkpoint, body.clone(), metadata.clone(), blobs.clone());
             }
-            let answer = query.fetch_one(&mut *conn).await.and_then(|row| TakenNew::from_row(&row));
-            let taken = match answer {
-                Ok(taken) => taken,
+            let answer = async {
+                let taken = query.fetch_one(&mut *conn).await.and_then(|row| TakenNew::from_row(&row))?;
+                if !taken.locked || taken.made.is_some() {
+                    return Ok((taken, None));
+                }
+                let first_id = first.as_ref().map(|(commit, _)| commit.checkpoint.id);
+                let found = FoundNew::read(conn, &deferred.thread, admitted_id, &metadata, first_id).await?;
+                Ok((taken, found))
+            }
+            .await;
+            let (taken, found) = match answer {
+                Ok(answer) => answer,
                 // The session may have died (server restart, terminated): one more try on a new
                 // one, which adopts what this one stored if it landed.
                 Err(err)
@@ -1509,9 +1532,10 @@ impl PostgresCheckpointer {
                 drop(guard);
                 return Err(self.lease_held(&deferred.thread).await);
             }
-            let tid = match (taken.made, taken.found) {
+            let stepped = found.as_ref().is_some_and(|found| found.stepped);
+            let tid = match (taken.made, found) {
                 (Some(tid), _) => tid,
-                (None, Some(tid)) if taken.epoch == Some(1) && taken.ours => tid,
+                (None, Some(found)) if found.epoch == 1 && found.ours => found.tid,
                 _ => {
                     // Another run's thread: its lock is given back at once (the lease holds
                     // nothing, and a try again refused again takes and gives back again).
@@ -1533,7 +1557,7 @@ impl PostgresCheckpointer {
             let _ = held.tid.set(tid);
             deferred.taken.store(true, Ordering::Release);
             self.leases.deferred.lock().unwrap_or_else(PoisonError::into_inner).remove(&deferred.thread);
-            let stored = first.is_some() && (taken.made.is_some() || taken.stepped);
+            let stored = first.is_some() && (taken.made.is_some() || stepped);
             if let Some((commit, _)) = first.filter(|_| stored) {
                 held.settle(&commit.ns, Some(commit.checkpoint.id), Some(seen));
                 held.unflushed.store(false, Ordering::Release);
