@@ -200,9 +200,10 @@ PY
 probe() { pgb "$1" "$2" probe 1 "$PROBE_SECS"; }
 
 # One comparison: the three measurements back to back, bracketed by fsync probes. Odd rounds
-# run pgbench, LangGraph, ours; even rounds the reverse, so drift does not favour one side.
-# `--also ARG` measures ours a second time with ARG added (after the first; before it on even
-# rounds).
+# run LangGraph, pgbench, ours; even rounds the reverse, so drift does not favour one side.
+# pgbench sits next to ours: their ratio has the tightest target, and the fsync time drifts
+# within seconds. `--also ARG` measures ours a second time with ARG added (after the first;
+# before it on even rounds).
 compare_group() { # round group clients lg-args... -- ours-args... [--also ARG]
     local round=$1 group=$2 clients=$3; shift 3
     local lg_args=() ours_args=() also=()
@@ -213,15 +214,15 @@ compare_group() { # round group clients lg-args... -- ours-args... [--also ARG]
     done
     probe "$round" "$group"
     if (( round % 2 == 1 )); then
-        pgb "$round" "$group" measure "$clients" "$SECS"
         lg "$round" "$group" "${lg_args[@]}"
+        pgb "$round" "$group" measure "$clients" "$SECS"
         ours "$round" "$group" "${ours_args[@]}"
         if (( ${#also[@]} )); then ours "$round" "$group" "${ours_args[@]}" "${also[@]}"; fi
     else
         if (( ${#also[@]} )); then ours "$round" "$group" "${ours_args[@]}" "${also[@]}"; fi
         ours "$round" "$group" "${ours_args[@]}"
-        lg "$round" "$group" "${lg_args[@]}"
         pgb "$round" "$group" measure "$clients" "$SECS"
+        lg "$round" "$group" "${lg_args[@]}"
     fi
     probe "$round" "$group"
 }
