@@ -20,6 +20,8 @@ Runs, interleaved, for N repetitions:
   Agentic      agentic-bench: the same workloads on PostgreSQL, memory and SQLite (each invoke on
                a thread the runtime minted; at 1 thread on PostgreSQL also on threads named by
                the caller, as the LangGraph script names them)
+At 1 thread on PostgreSQL, pgbench and ours alternate in 5 slices of S/5 seconds per repetition
+(2 with --quick) and are compared slice by slice: the disk's fsync time drifts within seconds.
 then once: resume of a 1,000-step thread, storage after 1,000 appending steps, resident memory,
 and a profile of where a step's time goes. Writes RESULTS.md and results.json.
 
@@ -69,12 +71,16 @@ TIMINGS=30
 PROBE_SECS=1
 # Unreported warm-up before each throughput measurement, on both sides alike.
 WARMUP=1
+# The 1-thread PostgreSQL comparison runs pgbench and ours in alternating slices (see
+# compare_sliced): this many per round.
+SLICES=5
 MID=16
 HIGH=64
 if [[ $QUICK == 1 ]]; then
     REPS=1
     SECS=1
     WARMUP=0.2
+    SLICES=2
     HIST_INVOKES=10
     TIMINGS=5
     # Fewer concurrent threads: the quick run checks the harness, not the scaling.
@@ -227,8 +233,36 @@ compare_group() { # round group clients lg-args... -- ours-args... [--also ARG]
     probe "$round" "$group"
 }
 
+# The 1-thread PostgreSQL comparison, whose target (ours / pgbench) is the tightest: the WAL fsync
+# time drifts within seconds, so pgbench and ours (and ours on caller-named threads) alternate in
+# $SLICES slices of SECS/SLICES seconds each, every slice tagged as round R.S, the order reversed
+# every other slice; the report pairs pgbench with ours within a slice. LangGraph runs once per
+# round, first on odd rounds and last on even ones, between the fsync probes.
+compare_sliced() { # round group -- lg-args... -- ours-args...
+    local round=$1 group=$2; shift 3
+    local lg_args=() ours_args=() slice_secs=$((SECS / SLICES > 0 ? SECS / SLICES : 1))
+    while [[ $1 != -- ]]; do lg_args+=("$1"); shift; done
+    shift
+    ours_args=("$@" --secs "$slice_secs" --warmup "$WARMUP" --reps 1 --durability sync)
+    probe "$round" "$group"
+    if (( round % 2 == 1 )); then lg "$round" "$group" "${lg_args[@]}"; fi
+    for slice in $(seq 1 "$SLICES"); do
+        if (( (round + slice) % 2 == 0 )); then
+            pgb "$round.$slice" "$group" measure 1 "$slice_secs"
+            ours "$round.$slice" "$group" "${ours_args[@]}"
+            ours "$round.$slice" "$group" "${ours_args[@]}" --named-threads
+        else
+            ours "$round.$slice" "$group" "${ours_args[@]}" --named-threads
+            ours "$round.$slice" "$group" "${ours_args[@]}"
+            pgb "$round.$slice" "$group" measure 1 "$slice_secs"
+        fi
+    done
+    if (( round % 2 == 0 )); then lg "$round" "$group" "${lg_args[@]}"; fi
+    probe "$round" "$group"
+}
+
 machine_line() { # phase
-    "$VENV/bin/python" - "$1" "$QUICK" "$REPS" "$SECS" "$THRESHOLD" \
+    "$VENV/bin/python" - "$1" "$QUICK" "$REPS" "$SECS" "$SLICES" "$THRESHOLD" \
         "$(psql -d postgres -Atqc "SELECT version()")" \
         "$(psql -d postgres -Atqc "SELECT string_agg(name || '=' || setting, ', ' ORDER BY name) FROM pg_settings
             WHERE name IN ('synchronous_commit', 'fsync', 'wal_sync_method', 'shared_buffers', 'max_connections',
@@ -237,11 +271,11 @@ machine_line() { # phase
         "$(git -C "$ROOT" rev-parse --short HEAD 2> /dev/null || echo unknown)" \
         "$(git -C "$ROOT" status --porcelain -- runtime migrations src 2> /dev/null | wc -l)" >> "$RAW" <<'PY'
 import json, os, platform, sys, time
-phase, quick, reps, secs, threshold, pg, settings, rustc, python, commit, dirty = sys.argv[1:]
+phase, quick, reps, secs, slices, threshold, pg, settings, rustc, python, commit, dirty = sys.argv[1:]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
 print(json.dumps({"harness": "compare", "phase": phase, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                  "quick": quick == "1", "reps": int(reps), "secs": float(secs),
+                  "quick": quick == "1", "reps": int(reps), "secs": float(secs), "slices": int(slices),
                   "fsync_threshold_ms": float(threshold), "cpu": cpu, "cores": os.cpu_count(),
                   "mem_gib": round(int(mem) / 1048576, 1), "kernel": platform.release(), "postgres": pg,
                   "pg_settings": settings, "rustc": rustc, "python": python,
@@ -256,8 +290,7 @@ machine_line start
 for round in $(seq 1 "$REPS"); do
     say "=== round $round/$REPS"
     common=(--secs "$SECS" --warmup "$WARMUP" --reps 1 --durability sync)
-    compare_group "$round" pg1 1 chain --saver pg "${common[@]}" -- \
-        chain --backend postgres --threads 1 "${common[@]}" --also --named-threads
+    compare_sliced "$round" pg1 -- chain --saver pg "${common[@]}" -- chain --backend postgres --threads 1
     compare_group "$round" "pg$MID" "$MID" chain --saver apg --threads "$MID" "${common[@]}" -- \
         chain --backend postgres --threads "$MID" "${common[@]}"
     compare_group "$round" "pg$HIGH" "$HIGH" chain --saver apg --threads "$HIGH" "${common[@]}" -- \

@@ -61,6 +61,11 @@ def tag(line, key):
     return (line.get("tags") or {}).get(key)
 
 
+def parent_round(rnd):
+    """The round of a slice `R.S` (compare.sh's compare_sliced); a round is its own parent."""
+    return rnd.split(".")[0]
+
+
 class Run:
     def __init__(self, lines, threshold):
         self.lines = lines
@@ -80,10 +85,14 @@ class Run:
                 and tag(l, "group") == group and tag(l, "round") == rnd]
 
     def regime(self, group, rnd):
-        """fast / slow when every probe of the group-round agrees, else switched."""
+        """fast / slow when every probe of the group-round agrees, else switched. A slice (round
+        `R.S`, see compare.sh's compare_sliced) also needs its own measurements to agree."""
         if group == "mem1":
             return "no fsync"
-        ms = [p.get("ms_per_wal_sync") for p in self.probes(group, rnd)]
+        ms = [p.get("ms_per_wal_sync") for p in self.probes(group, parent_round(rnd))]
+        if parent_round(rnd) != rnd and ms:
+            ms += [l.get("ms_per_wal_sync") for l in self.measures
+                   if tag(l, "group") == group and tag(l, "round") == rnd and l.get("harness") in ("agentic", "pgbench")]
         if not ms or any(m is None for m in ms):
             return "unknown"
         if all(m < self.threshold for m in ms):
@@ -93,17 +102,27 @@ class Run:
         return "switched"
 
     def rounds(self):
-        return sorted({tag(l, "round") for l in self.measures if tag(l, "round") is not None}, key=int)
+        return sorted({tag(l, "round") for l in self.measures if tag(l, "round") is not None},
+                      key=lambda r: tuple(int(x) for x in r.split(".")))
+
+    def sliced(self, group):
+        return any(tag(l, "group") == group and parent_round(tag(l, "round") or "") != tag(l, "round")
+                   for l in self.measures)
 
     def cells(self):
         """One entry per (row, round): the three measurements and the round's regime."""
         out = []
         for case, backend, threads, group, lg_match, pgb_clients, *named in ROWS:
             named = named[0] if named else "runtime"
+            sliced = self.sliced(group)
             for rnd in self.rounds():
+                if sliced and parent_round(rnd) == rnd:
+                    continue  # a sliced group's round holds LangGraph's run; its slices are compared
                 ours = self.find(group, rnd, harness="agentic", case=case, backend=backend, threads=threads,
                                  threads_named_by=named)
-                lg = self.find(group, rnd, harness="langgraph", **lg_match) if lg_match else None
+                # A slice is compared with its round's LangGraph run.
+                lg = (self.find(group, rnd, harness="langgraph", **lg_match)
+                      or self.find(group, parent_round(rnd), harness="langgraph", **lg_match)) if lg_match else None
                 pgb = (self.find(group, rnd, harness="pgbench", role="measure", clients=pgb_clients)
                        if pgb_clients else None)
                 if not (ours or lg or pgb):
@@ -212,6 +231,13 @@ def render(run, rows):
               f"{run.threshold} ms per WAL fsync, *slow* when both were above, *switched* otherwise (not compared). "
               f"`ms per WAL sync` is `pg_stat_wal.wal_sync_time / wal_sync` over the measurement itself "
               f"(track_wal_io_timing on); it grows with concurrency in either regime (larger group flushes).\n")
+    if start.get("slices"):
+        md.append(f"The 1-thread PostgreSQL group, whose target is the tightest, runs pgbench and ours in "
+                  f"{start['slices']} alternating slices per round ({max(1, int(start.get('secs', 0) // start['slices']))} s "
+                  f"each; round R.S below), because the fsync time also drifts within the fast regime (0.2 to 0.5 ms "
+                  f"within seconds on these machines). A slice is compared when the round's probes and the slice's own "
+                  f"measurements (pgbench's and ours) agree on the regime; its rows count slices, and LangGraph's "
+                  f"figure is its round's one run.\n")
     counts = defaultdict(int)
     for c in run.cells():
         if c["row"][3] != "mem1":
