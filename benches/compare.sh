@@ -207,26 +207,19 @@ probe() { pgb "$1" "$2" probe 1 "$PROBE_SECS"; }
 
 # One comparison: the three measurements back to back, bracketed by fsync probes. Odd rounds
 # run LangGraph, pgbench, ours; even rounds the reverse, so drift does not favour one side.
-# pgbench sits next to ours: their ratio has the tightest target, and the fsync time drifts
-# within seconds. `--also ARG` measures ours a second time with ARG added (after the first;
-# before it on even rounds).
-compare_group() { # round group clients lg-args... -- ours-args... [--also ARG]
+# pgbench sits next to ours: the fsync time drifts within seconds.
+compare_group() { # round group clients lg-args... -- ours-args...
     local round=$1 group=$2 clients=$3; shift 3
-    local lg_args=() ours_args=() also=()
+    local lg_args=()
     while [[ $1 != -- ]]; do lg_args+=("$1"); shift; done
     shift
-    while [[ $# -gt 0 ]]; do
-        if [[ $1 == --also ]]; then also=("$2"); shift 2; else ours_args+=("$1"); shift; fi
-    done
     probe "$round" "$group"
     if (( round % 2 == 1 )); then
         lg "$round" "$group" "${lg_args[@]}"
         pgb "$round" "$group" measure "$clients" "$SECS"
-        ours "$round" "$group" "${ours_args[@]}"
-        if (( ${#also[@]} )); then ours "$round" "$group" "${ours_args[@]}" "${also[@]}"; fi
+        ours "$round" "$group" "$@"
     else
-        if (( ${#also[@]} )); then ours "$round" "$group" "${ours_args[@]}" "${also[@]}"; fi
-        ours "$round" "$group" "${ours_args[@]}"
+        ours "$round" "$group" "$@"
         pgb "$round" "$group" measure "$clients" "$SECS"
         lg "$round" "$group" "${lg_args[@]}"
     fi
