@@ -1661,8 +1661,12 @@ static STATEMENT_LOG: LazyLock<Mutex<HashMap<String, (u64, f64)>>> = LazyLock::n
 /// Statements of the runtime recognised by a fragment of their text; others are named by
 /// their first words.
 const STATEMENT_LABELS: &[(&str, &str)] = &[
-    ("stepped AS", "new thread's first step: advisory lock, thread row, admission and the step's checkpoint (durable)"),
+    (
+        "($16, $17, $18",
+        "new thread's first step: advisory lock, thread row, admission and the step's checkpoint (durable)",
+    ),
     ("ON CONFLICT (thread_id) DO NOTHING", "acquire a new thread's lease alone: advisory lock, thread row, admission"),
+    ("WHERE t.thread_id = $1", "a new thread's take that made no row: the thread that existed"),
     ("FROM fresh", "acquire lease + admission: advisory lock, thread epoch bump, a new thread's first checkpoint"),
     ("pg_try_advisory_lock", "acquire lease: advisory lock + thread epoch bump"),
     ("WITH RECURSIVE spaces", "acquire lease: highest checkpoint id and root head"),
