@@ -39,7 +39,8 @@ Options:
 Environment: PGHOST (127.0.0.1), PGPORT (5432), PGUSER (postgres; a superuser: the script sets
 track_wal_io_timing and restores it), PYTHON (python3, used to create the venv).
 Creates the databases bench_agentic, bench_langgraph and bench_pgbench if missing, and the
-venv benches/.venv-bench (reused while it imports LangGraph).
+venv benches/.venv-bench (reused while it imports LangGraph). A measurement that fails is
+recorded and the run goes on; the report is still written, then the script exits with status 1.
 EOF
 }
 
@@ -318,3 +319,12 @@ say "writing $OUT/RESULTS.md and $OUT/results.json ($(( $(date +%s) - START_TIME
 "$VENV/bin/python" "$BENCHES/report.py" --raw "$RAW" --md "$OUT/RESULTS.md" --json "$OUT/results.json" \
     --threshold "$THRESHOLD"
 cp "$RAW" "$OUT/raw.jsonl"
+
+# A measurement that failed was recorded and the run went on; the run itself fails, so CI's
+# --quick run catches a harness that broke.
+failures=$(grep -c '"failed": true' "$RAW" || true)
+if [[ $failures -gt 0 ]]; then
+    say "$failures measurement(s) failed; their lines in $OUT/raw.jsonl:"
+    grep '"failed": true' "$RAW" >&2
+    exit 1
+fi

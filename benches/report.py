@@ -507,9 +507,17 @@ def main():
     ap.add_argument("--raw", required=True)
     ap.add_argument("--md", required=True)
     ap.add_argument("--json", required=True)
-    ap.add_argument("--threshold", type=float, default=1.0)
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="ms per WAL fsync that splits the fast and slow regimes (default: the one "
+                         "compare.sh ran with, as its machine line records it; else 1.0)")
     a = ap.parse_args()
-    run = Run(load(a.raw), a.threshold)
+    lines = load(a.raw)
+    threshold = a.threshold
+    if threshold is None:
+        recorded = [l["fsync_threshold_ms"] for l in lines
+                    if l.get("harness") == "compare" and l.get("fsync_threshold_ms") is not None]
+        threshold = recorded[0] if recorded else 1.0
+    run = Run(lines, threshold)
     rows = run.table()
     with open(a.md, "w") as f:
         f.write(render(run, rows))

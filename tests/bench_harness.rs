@@ -72,3 +72,52 @@ async fn quick_runs_on_postgres_print_json_with_the_wal_fsync_time() {
     }
     db.drop_db().await;
 }
+
+/// The committed `benches/RESULTS.md` and `benches/results.json` are exactly what
+/// `benches/report.py` makes of the committed raw lines (`benches/raw.jsonl`): no figure was typed
+/// in or edited by hand, and the report still renders the run that is committed. Its rows carry
+/// the fields the comparison promises.
+#[test]
+fn committed_results_are_what_report_py_makes_of_the_committed_raw_lines() {
+    let benches = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches");
+    let out = std::env::temp_dir().join(format!("agentic-report-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let (md, json) = (out.join("RESULTS.md"), out.join("results.json"));
+    let status = Command::new("python3")
+        .arg(benches.join("report.py"))
+        .arg("--raw")
+        .arg(benches.join("raw.jsonl"))
+        .arg("--md")
+        .arg(&md)
+        .arg("--json")
+        .arg(&json)
+        .status()
+        .expect("python3 runs benches/report.py");
+    assert!(status.success(), "report.py failed: {status}");
+    for (made, committed) in [(&md, "RESULTS.md"), (&json, "results.json")] {
+        let made = std::fs::read_to_string(made).unwrap();
+        let committed = std::fs::read_to_string(benches.join(committed)).unwrap();
+        assert!(made == committed, "benches/{committed} differs from report.py's rendering of benches/raw.jsonl");
+    }
+    let rows: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let throughput: Vec<&Value> = rows.iter().filter(|r| r["case"] == "chain" || r["case"] == "fan").collect();
+    assert!(
+        throughput.iter().any(|r| r["case"] == "chain" && r["backend"] == "postgres" && r["threads"] == 1),
+        "no 1-thread PostgreSQL chain row"
+    );
+    for row in throughput {
+        for field in [
+            "case",
+            "backend",
+            "threads",
+            "ours_steps_per_s",
+            "langgraph_steps_per_s",
+            "pgbench_tps",
+            "ratio_vs_langgraph",
+            "ratio_vs_pgbench",
+        ] {
+            assert!(row.get(field).is_some(), "results.json row without `{field}`: {row}");
+        }
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}
