@@ -74,9 +74,9 @@ async fn quick_runs_on_postgres_print_json_with_the_wal_fsync_time() {
 }
 
 /// The committed `benches/RESULTS.md` and `benches/results.json` are exactly what
-/// `benches/report.py` makes of the committed raw lines (`benches/raw.jsonl`): no figure was typed
-/// in or edited by hand, and the report still renders the run that is committed. Its rows carry
-/// the fields the comparison promises.
+/// `benches/report.py` makes of the committed raw lines (`benches/raw.jsonl`) and levers
+/// (`benches/LEVERS.md`): no figure was typed in or edited by hand, and the report still renders
+/// the run that is committed. Its rows carry the fields the comparison promises.
 #[test]
 fn committed_results_are_what_report_py_makes_of_the_committed_raw_lines() {
     let benches = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches");
@@ -97,7 +97,12 @@ fn committed_results_are_what_report_py_makes_of_the_committed_raw_lines() {
     for (made, committed) in [(&md, "RESULTS.md"), (&json, "results.json")] {
         let made = std::fs::read_to_string(made).unwrap();
         let committed = std::fs::read_to_string(benches.join(committed)).unwrap();
-        assert!(made == committed, "benches/{committed} differs from report.py's rendering of benches/raw.jsonl");
+        assert!(
+            made == committed,
+            "benches/{committed} differs from report.py's rendering of benches/raw.jsonl and LEVERS.md; render \
+             it again: python3 benches/report.py --raw benches/raw.jsonl --md benches/RESULTS.md --json \
+             benches/results.json"
+        );
     }
     let rows: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let throughput: Vec<&Value> = rows.iter().filter(|r| r["case"] == "chain" || r["case"] == "fan").collect();
