@@ -67,10 +67,13 @@ def parent_round(rnd):
 
 
 class Run:
-    def __init__(self, lines, threshold):
+    def __init__(self, lines, threshold=None):
+        """`threshold`: ms per WAL fsync between the regimes; by default the one compare.sh ran
+        with (its machine line), else 1.0."""
         self.lines = lines
-        self.threshold = threshold
         self.machine = [l for l in lines if l.get("harness") == "compare"]
+        recorded = [m["fsync_threshold_ms"] for m in self.machine if m.get("fsync_threshold_ms") is not None]
+        self.threshold = threshold if threshold is not None else (recorded[0] if recorded else 1.0)
         self.failed = [l for l in lines if l.get("failed")]
         self.measures = [l for l in lines if not l.get("failed") and not l.get("summary")]
 
@@ -232,10 +235,13 @@ def render(run, rows):
               f"`ms per WAL sync` is `pg_stat_wal.wal_sync_time / wal_sync` over the measurement itself "
               f"(track_wal_io_timing on); it grows with concurrency in either regime (larger group flushes).\n")
     if start.get("slices"):
+        sliced = [l.get("ms_per_wal_sync") for l in run.measures if tag(l, "group") == "pg1"
+                  and parent_round(tag(l, "round") or "") != tag(l, "round") and l.get("ms_per_wal_sync") is not None]
+        drift = f"{fmt(min(sliced), 2)} to {fmt(max(sliced), 2)} ms per sync over this run's slices" if sliced else "?"
         md.append(f"The 1-thread PostgreSQL group, whose target is the tightest, runs pgbench and ours in "
                   f"{start['slices']} alternating slices per round ({max(1, int(start.get('secs', 0) // start['slices']))} s "
-                  f"each; round R.S below), because the fsync time also drifts within the fast regime (0.2 to 0.5 ms "
-                  f"within seconds on these machines). A slice is compared when the round's probes and the slice's own "
+                  f"each; round R.S below), because the fsync time also drifts within the fast regime ({drift}). "
+                  f"A slice is compared when the round's probes and the slice's own "
                   f"measurements (pgbench's and ours) agree on the regime; its rows count slices, and LangGraph's "
                   f"figure is its round's one run.\n")
     counts = defaultdict(int)
@@ -511,13 +517,7 @@ def main():
                     help="ms per WAL fsync that splits the fast and slow regimes (default: the one "
                          "compare.sh ran with, as its machine line records it; else 1.0)")
     a = ap.parse_args()
-    lines = load(a.raw)
-    threshold = a.threshold
-    if threshold is None:
-        recorded = [l["fsync_threshold_ms"] for l in lines
-                    if l.get("harness") == "compare" and l.get("fsync_threshold_ms") is not None]
-        threshold = recorded[0] if recorded else 1.0
-    run = Run(lines, threshold)
+    run = Run(load(a.raw), a.threshold)
     rows = run.table()
     with open(a.md, "w") as f:
         f.write(render(run, rows))
