@@ -442,19 +442,11 @@ struct ClockFigures {
 }
 
 /// A fresh 1 KiB string: 512 pseudo-random bytes, hex-encoded (as the LangGraph script's
-/// `os.urandom(512).hex()`), from a `SplitMix64` stream seeded per process and per call, so
-/// every call differs.
+/// `os.urandom(512).hex()`, a loop in C under Python), from a `SplitMix64` stream seeded
+/// per process and per call, so every call differs. `const_hex` encodes with the CPU's vector
+/// instructions and writes the string without a UTF-8 scan: the table-driven loop this replaced
+/// took ~4.5k instructions per call, a sixth of a memory-backend node-step.
 fn fresh_blob() -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    const HEX_PAIRS: [[u8; 2]; 256] = {
-        let mut pairs = [[0u8; 2]; 256];
-        let mut i = 0;
-        while i < 256 {
-            pairs[i] = [HEX[i >> 4], HEX[i & 15]];
-            i += 1;
-        }
-        pairs
-    };
     static SEED: LazyLock<u64> = LazyLock::new(|| {
         let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let hash = blake3::hash(format!("{}:{nanos}", std::process::id()).as_bytes());
@@ -462,19 +454,17 @@ fn fresh_blob() -> String {
     });
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut state = SEED.wrapping_add(COUNTER.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37_79B9_7F4A_7C15 << 6));
-    let mut hex = vec![0u8; BLOB_BYTES * 2];
-    for chunk in hex.chunks_exact_mut(16) {
-        // SplitMix64: one 64-bit word per 16 hex digits.
+    let mut bytes = [0u8; BLOB_BYTES];
+    for chunk in bytes.chunks_exact_mut(8) {
+        // SplitMix64: one 64-bit word per 8 bytes.
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
-        for (pair, byte) in chunk.chunks_exact_mut(2).zip(z.to_le_bytes()) {
-            pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
-        }
+        chunk.copy_from_slice(&z.to_le_bytes());
     }
-    String::from_utf8(hex).unwrap_or_default() // ASCII: always valid
+    const_hex::encode(bytes)
 }
 
 /// The input of every invoke: the LangGraph script's `{"counter": 0, "messages": [], "blob": ""}`.
@@ -1748,4 +1738,17 @@ fn install_tracing(count_statements: bool) {
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter))
         .with(counter)
         .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_blob_is_1_kib_of_lowercase_hex_and_differs_on_every_call() {
+        let (a, b) = (fresh_blob(), fresh_blob());
+        assert_eq!(a.len(), BLOB_BYTES * 2);
+        assert!(a.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')), "{a}");
+        assert_ne!(a, b);
+    }
 }
