@@ -8,16 +8,17 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::channel::{ChannelKind, Reduced};
+use crate::channel::{ChannelKind, Reduced, Writes};
 use crate::checkpoint::{ChannelBlob, ChannelVersion, CheckpointBody, INLINE_MAX, PendingTask, SEGMENT_ROWS, codec};
 use crate::error::{Error, Result};
 use crate::graph::{END, GraphInner, START};
 use crate::state::{Goto, State, Update, Values};
 
 /// A task's place in its step; writes apply in this order (pulls by node name, then pushes).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+/// A pull's node is its task's [`Task::node`], not copied here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum TaskPath {
-    Pull(String),
+    Pull,
     Push(usize),
 }
 
@@ -41,13 +42,13 @@ pub(crate) struct TaskOutput {
 /// The deterministic id of a task: the same in every process that computes it (ids are
 /// stored: with pending writes, in metadata). The first 16 bytes of the BLAKE3 hash of
 /// `ns \0 checkpoint (le) pull\0 node` (or `push\0 index (le)`), in hex.
-pub(crate) fn task_id(ns: &str, checkpoint: u64, path: &TaskPath) -> String {
+pub(crate) fn task_id(ns: &str, checkpoint: u64, path: TaskPath, node: &str) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let index;
     let (kind, tail): (&[u8], &[u8]) = match path {
-        TaskPath::Pull(node) => (b"pull\0", node.as_bytes()),
+        TaskPath::Pull => (b"pull\0", node.as_bytes()),
         TaskPath::Push(i) => {
-            index = (*i as u64).to_le_bytes();
+            index = (i as u64).to_le_bytes();
             (b"push\0", &index)
         }
     };
@@ -87,19 +88,19 @@ pub(crate) fn tasks_for(ns: &str, checkpoint: u64, body: &CheckpointBody) -> Vec
         let (path, node, arg) = match pending {
             PendingTask::Pull { node } => {
                 // A node pulled twice runs once. A step pulls a few nodes: a scan, not a set.
-                if tasks.iter().any(|t| matches!(&t.path, TaskPath::Pull(n) if n == node)) {
+                if tasks.iter().any(|t| t.path == TaskPath::Pull && t.node == *node) {
                     continue;
                 }
-                (TaskPath::Pull(node.clone()), node.clone(), None)
+                (TaskPath::Pull, node.clone(), None)
             }
             PendingTask::Push { node, arg } => {
                 pushes += 1;
                 (TaskPath::Push(pushes - 1), node.clone(), Some(arg.clone()))
             }
         };
-        tasks.push(Task { id: task_id(ns, checkpoint, &path), path, node, arg });
+        tasks.push(Task { id: task_id(ns, checkpoint, path, &node), path, node, arg });
     }
-    tasks.sort_by(|a, b| a.path.cmp(&b.path));
+    tasks.sort_by(|a, b| a.path.cmp(&b.path).then_with(|| a.node.cmp(&b.node)));
     tasks
 }
 
@@ -170,7 +171,7 @@ fn size_bound(value: &Value) -> usize {
 /// The snapshot with one task's writes applied (what its routers see).
 fn with_writes(graph: &GraphInner, node: &str, snapshot: &State, writes: &[(String, Value)]) -> Result<State> {
     let mut values = snapshot.values().clone();
-    for (channel, grouped) in group(writes.iter().map(|(c, v)| (c.as_str(), v.clone()))) {
+    for (channel, grouped) in group(writes.iter().map(|(c, v)| (c.as_str(), v.clone())).collect()) {
         let spec = &graph.channels[channel];
         let current = values.remove(channel).map(|v| Value::clone(&v));
         let reduced = spec
@@ -182,15 +183,15 @@ fn with_writes(graph: &GraphInner, node: &str, snapshot: &State, writes: &[(Stri
 }
 
 /// The writes by channel, channels in order, each channel's writes in the order given. A sort
-/// of the few writes of a step, not a map: no tree nodes to build and free on every step.
-fn group<K: Ord>(writes: impl Iterator<Item = (K, Value)>) -> Vec<(K, Vec<Value>)> {
-    let mut writes: Vec<(K, Value)> = writes.collect();
+/// of the few writes of a step, not a map: no tree nodes to build and free on every step; a
+/// channel written once (the usual case) holds its write inline.
+fn group<K: Ord>(mut writes: Vec<(K, Value)>) -> Vec<(K, Writes)> {
     writes.sort_by(|a, b| a.0.cmp(&b.0)); // stable: a channel's writes keep their order
-    let mut grouped: Vec<(K, Vec<Value>)> = Vec::with_capacity(writes.len());
+    let mut grouped: Vec<(K, Writes)> = Vec::with_capacity(writes.len());
     for (channel, value) in writes {
         match grouped.last_mut() {
             Some((last, values)) if *last == channel => values.push(value),
-            _ => grouped.push((channel, vec![value])),
+            _ => grouped.push((channel, smallvec::smallvec![value])),
         }
     }
     grouped
@@ -275,9 +276,19 @@ pub(crate) fn apply_step(
             Cow::Borrowed(&prev.fresh),
         ),
     };
-    // The written values move into the channels: no copy of a large value.
-    let (writes, routes): (Vec<_>, Vec<_>) = outputs.into_iter().map(|(node, o)| (o.writes, (node, o.goto))).unzip();
-    let grouped = group(writes.into_iter().flatten());
+    // The written values move into the channels: no copy of a large value. A lone task's
+    // writes are the step's: its vector is taken over, not copied.
+    let mut writes: Vec<(String, Value)> = Vec::new();
+    let mut routes = Vec::with_capacity(outputs.len());
+    for (node, output) in outputs {
+        if writes.is_empty() {
+            writes = output.writes;
+        } else {
+            writes.extend(output.writes);
+        }
+        routes.push((node, output.goto));
+    }
+    let grouped = group(writes);
     let mut blobs = Vec::with_capacity(grouped.len());
     for (name, writes) in grouped {
         let channel = name.as_str();
@@ -417,12 +428,13 @@ mod tests {
     #[test]
     fn writes_group_by_channel_in_order_and_keep_their_order_within_a_channel() {
         let writes = [("b", json!(1)), ("a", json!(2)), ("b", json!(3)), ("c", json!(4)), ("a", json!(5))];
-        let grouped = group(writes.into_iter());
+        let grouped: Vec<(&str, Vec<Value>)> =
+            group(writes.into_iter().collect()).into_iter().map(|(k, v)| (k, v.into_vec())).collect();
         assert_eq!(
             grouped,
             vec![("a", vec![json!(2), json!(5)]), ("b", vec![json!(1), json!(3)]), ("c", vec![json!(4)])]
         );
-        assert!(group(std::iter::empty::<(&str, Value)>()).is_empty());
+        assert!(group(Vec::<(&str, Value)>::new()).is_empty());
     }
 
     /// A task's output that writes `v` to the `items` channel.
@@ -629,19 +641,19 @@ mod tests {
     #[test]
     fn task_ids_stay_the_ids_stored_before() {
         // The ids as first computed (one hasher update per part, the hex digest cut to 32).
-        let before = |ns: &str, checkpoint: u64, path: &TaskPath| {
+        let before = |ns: &str, checkpoint: u64, path: TaskPath, node: &str| {
             let mut h = blake3::Hasher::new();
             h.update(ns.as_bytes());
             h.update(&[0]);
             h.update(&checkpoint.to_le_bytes());
             match path {
-                TaskPath::Pull(node) => {
+                TaskPath::Pull => {
                     h.update(b"pull\0");
                     h.update(node.as_bytes());
                 }
                 TaskPath::Push(index) => {
                     h.update(b"push\0");
-                    h.update(&(*index as u64).to_le_bytes());
+                    h.update(&(index as u64).to_le_bytes());
                 }
             }
             h.finalize().to_hex()[..32].to_owned()
@@ -649,14 +661,17 @@ mod tests {
         let long = "x".repeat(200);
         for ns in ["", "parent:child", long.as_str()] {
             for checkpoint in [0, 7, u64::MAX] {
-                for path in
-                    [TaskPath::Pull("n1".into()), TaskPath::Pull(long.clone()), TaskPath::Push(0), TaskPath::Push(9)]
-                {
-                    assert_eq!(task_id(ns, checkpoint, &path), before(ns, checkpoint, &path));
+                for (path, node) in [
+                    (TaskPath::Pull, "n1"),
+                    (TaskPath::Pull, long.as_str()),
+                    (TaskPath::Push(0), "w"),
+                    (TaskPath::Push(9), "w"),
+                ] {
+                    assert_eq!(task_id(ns, checkpoint, path, node), before(ns, checkpoint, path, node));
                 }
             }
         }
-        assert_eq!(task_id("", 5, &TaskPath::Pull("a".into())).len(), 32);
+        assert_eq!(task_id("", 5, TaskPath::Pull, "a").len(), 32);
     }
 
     #[test]
@@ -671,10 +686,10 @@ mod tests {
             ..Default::default()
         };
         let tasks = tasks_for("", 5, &body);
-        let paths: Vec<_> = tasks.iter().map(|t| t.path.clone()).collect();
+        let paths: Vec<_> = tasks.iter().map(|t| (t.path, t.node.as_str())).collect();
         assert_eq!(
             paths,
-            vec![TaskPath::Pull("a".into()), TaskPath::Pull("b".into()), TaskPath::Push(0), TaskPath::Push(1)]
+            vec![(TaskPath::Pull, "a"), (TaskPath::Pull, "b"), (TaskPath::Push(0), "w"), (TaskPath::Push(1), "w")]
         );
         assert_eq!(tasks_for("", 5, &body)[2].id, tasks[2].id);
         assert_ne!(tasks_for("", 6, &body)[2].id, tasks[2].id);

@@ -775,19 +775,18 @@ impl<'a> Loop<'a> {
         mut pending: Pending,
         (id, step): (u64, u64),
     ) -> Result<bool> {
-        // Owned: the written values move into the channels.
-        let mut outputs: Vec<(&Task, TaskOutput)> = Vec::with_capacity(tasks.len());
+        // Owned: the written values move into the channels. Source and step have columns of
+        // their own; the metadata lists the tasks.
+        let mut by_node: Vec<(&str, TaskOutput)> = Vec::with_capacity(tasks.len());
+        let mut refs = Vec::with_capacity(tasks.len());
+        let mut stops_after = false;
         for task in tasks {
             let output = pending.outputs.remove(&task.id).or_else(|| match results.remove(&task.id) {
                 Some(TaskResult::Done(output)) => Some(output),
                 _ => None,
             });
-            if let Some(output) = output {
-                outputs.push((task, output));
-            }
-        }
-        if self.events.is_some() {
-            for (task, output) in &outputs {
+            let Some(output) = output else { continue };
+            if self.events.is_some() {
                 self.emit(Event::Updates {
                     step,
                     node: task.node.clone(),
@@ -795,13 +794,13 @@ impl<'a> Loop<'a> {
                     writes: output.writes.clone(),
                 });
             }
+            refs.push(TaskRef { id: task.id.clone(), node: task.node.clone() });
+            stops_after |= g.interrupt_after.contains(&task.node);
+            by_node.push((task.node.as_str(), output));
         }
         let new_id = self.lease.next_checkpoint_id();
         let cur = self.current.as_mut().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
-        // Source and step have columns of their own.
-        let tasks = outputs.iter().map(|(t, _)| TaskRef { id: t.id.clone(), node: t.node.clone() }).collect();
-        let stops_after = outputs.iter().any(|(t, _)| g.interrupt_after.contains(&t.node));
-        let by_node: Vec<(&str, TaskOutput)> = outputs.into_iter().map(|(t, o)| (t.node.as_str(), o)).collect();
+        let tasks = refs;
         // Held-back steps (durability exit) are written as one delta; its segment closes at the flush.
         let close_segments = self.config.durability != Durability::Exit;
         // The committed step let go of the body (unless a commit in flight or held back still

@@ -5,7 +5,7 @@ use serde_json::Value;
 
 use super::Reduced;
 
-pub(super) fn reduce(current: Option<Value>, writes: Vec<Value>) -> Reduced {
+pub(super) fn reduce(current: Option<Value>, writes: super::Writes) -> Reduced {
     let mut items = Vec::with_capacity(writes.len());
     for write in writes {
         match write {

@@ -41,7 +41,7 @@ pub(super) fn reduce(
     reducer: &dyn CustomReducer,
     name: &str,
     current: Option<Value>,
-    writes: Vec<Value>,
+    writes: super::Writes,
 ) -> Result<Value> {
     let mut value = current;
     for write in writes {

@@ -4,6 +4,6 @@ use serde_json::Value;
 
 use crate::error::Result;
 
-pub(super) fn reduce(name: &str, writes: Vec<Value>) -> Result<Value> {
+pub(super) fn reduce(name: &str, writes: super::Writes) -> Result<Value> {
     super::last_value::reduce(name, writes)
 }

@@ -4,7 +4,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-pub(super) fn reduce(name: &str, mut writes: Vec<Value>) -> Result<Value> {
+pub(super) fn reduce(name: &str, mut writes: super::Writes) -> Result<Value> {
     match writes.len() {
         1 => Ok(writes.pop().unwrap_or(Value::Null)),
         n => Err(Error::channel(

@@ -4,7 +4,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
-pub(super) fn reduce(name: &str, current: Option<Value>, writes: Vec<Value>) -> Result<Value> {
+pub(super) fn reduce(name: &str, current: Option<Value>, writes: super::Writes) -> Result<Value> {
     let mut merged = match current {
         Some(Value::Object(map)) => map,
         _ => Map::new(),

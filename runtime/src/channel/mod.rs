@@ -14,10 +14,15 @@ use std::fmt;
 use std::sync::Arc;
 
 use serde_json::Value;
+use smallvec::SmallVec;
 
 use crate::error::Result;
 
 pub use custom::{CustomReducer, from_fn as reducer_fn};
+
+/// One channel's writes in a super-step. Most channels get one write a step: it stays inline,
+/// with no allocation of its own.
+pub(crate) type Writes = SmallVec<[Value; 1]>;
 
 /// A named channel's reducer and default.
 #[derive(Clone)]
@@ -120,7 +125,8 @@ impl Channel {
     }
 
     /// Applies one super-step's writes (already in task-path order) to the current value.
-    pub(crate) fn reduce(&self, name: &str, current: Option<Value>, writes: Vec<Value>) -> Result<Reduced> {
+    pub(crate) fn reduce(&self, name: &str, current: Option<Value>, writes: impl Into<Writes>) -> Result<Reduced> {
+        let writes = writes.into();
         let current = current.or_else(|| self.default.clone());
         match &self.kind {
             ChannelKind::LastValue => last_value::reduce(name, writes).map(Reduced::Replaced),

@@ -5,7 +5,7 @@ use serde_json::Value;
 use super::merge::kind_of;
 use crate::error::{Error, Result};
 
-pub(super) fn reduce(name: &str, current: Option<Value>, writes: Vec<Value>) -> Result<Value> {
+pub(super) fn reduce(name: &str, current: Option<Value>, writes: super::Writes) -> Result<Value> {
     let mut total = current.unwrap_or(Value::from(0));
     for write in writes {
         total = add(&total, &write)
