@@ -800,7 +800,6 @@ impl<'a> Loop<'a> {
         }
         let new_id = self.lease.next_checkpoint_id();
         let cur = self.current.as_mut().ok_or_else(|| Error::NotFound(self.thread.clone()))?;
-        let tasks = refs;
         // Held-back steps (durability exit) are written as one delta; its segment closes at the flush.
         let close_segments = self.config.durability != Durability::Exit;
         // The committed step let go of the body (unless a commit in flight or held back still
@@ -814,7 +813,7 @@ impl<'a> Loop<'a> {
         };
         let applied = algo::apply_step(g, prev, Arc::make_mut(&mut cur.values), by_node, new_id, close_segments)?;
         let after = stops_after && !applied.body.next.is_empty();
-        let metadata = StepMetadata { owner: self.lease.owner.clone(), tasks, interrupt_after: after };
+        let metadata = StepMetadata { owner: self.lease.owner.clone(), tasks: refs, interrupt_after: after };
         let body = Arc::new(applied.body);
         let checkpoint = NewCheckpoint {
             id: new_id,
