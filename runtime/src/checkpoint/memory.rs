@@ -9,8 +9,11 @@
 //!
 //! The maps of a thread are what the store keeps besides the packs, and a store that keeps every
 //! checkpoint pays for each byte again as fresh memory: their entries are kept small (an optional
-//! id in 8 bytes, a time in microseconds), so a B-tree leaf of eleven checkpoints or versions
-//! fits the allocator's next smaller size class.
+//! id in 8 bytes, a time in microseconds), so a B-tree leaf of eleven checkpoints fits the
+//! allocator's next smaller size class. A channel version a commit stores under its own
+//! checkpoint's id (every step's) is framed in that commit's pack and found through the
+//! checkpoint: no map of versions per channel. Only other versions (a held-back step's, written
+//! by a later commit) and versions a prune keeps past their checkpoint have entries of their own.
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU64;
@@ -54,7 +57,8 @@ struct Space {
     ns: String,
     head: u64,
     checkpoints: BTreeMap<u64, Kept>,
-    /// channel -> version -> blob
+    /// channel -> version -> blob, for the versions not framed in the pack of the checkpoint of
+    /// their id (see [`Kept`]).
     blobs: FastMap<String, BTreeMap<u64, StoredBlob>>,
     writes: BTreeMap<u64, Vec<PendingWrite>>,
 }
@@ -70,6 +74,16 @@ impl ThreadRec {
 
     fn head(&self, ns: &str) -> Option<u64> {
         self.space(ns).map(|s| s.head)
+    }
+}
+
+impl Space {
+    /// Version `v` of `channel`: its base (for a delta) and its bytes.
+    fn blob(&self, channel: &str, v: u64) -> Option<(Option<u64>, &[u8])> {
+        if let Some(found) = self.checkpoints.get(&v).and_then(|kept| kept.framed(channel)) {
+            return Some(found);
+        }
+        self.blobs.get(channel)?.get(&v).map(|b| (b.base.get(), b.bytes()))
     }
 }
 
@@ -100,6 +114,15 @@ impl OptId {
     fn get(self) -> Option<u64> {
         self.0.map(|stored| stored.get() - 1)
     }
+
+    /// The 8 bytes it is framed with in a pack.
+    fn to_bytes(self) -> [u8; 8] {
+        self.0.map_or(0, NonZeroU64::get).to_le_bytes()
+    }
+
+    fn from_bytes(bytes: [u8; 8]) -> Self {
+        OptId(NonZeroU64::new(u64::from_le_bytes(bytes)))
+    }
 }
 
 /// A stored channel version: the version it extends (for a delta), and its bytes in the pack
@@ -118,7 +141,9 @@ impl StoredBlob {
 }
 
 /// A stored checkpoint: its pack starts with the encoded body, then the metadata, then the
-/// bytes of the commit's channel versions.
+/// commit's channel versions whose version is this checkpoint's id, each framed as
+/// `[name length: u8][name][base: 8 bytes, an OptId][length: u32 LE][bytes]` (`framed_len`
+/// bytes in all), then the bytes of its other versions, which [`Space::blobs`] points at.
 struct Kept {
     parent: OptId,
     step: u64,
@@ -128,18 +153,36 @@ struct Kept {
     pack: Arc<[u8]>,
     body_len: u32,
     metadata_len: u32,
+    framed_len: u32,
+}
+
+/// Whether a commit's blob is framed in its pack: stored under the commit's own checkpoint id,
+/// with a name that fits the frame's length byte.
+fn is_framed(id: u64, blob: &super::ChannelBlob) -> bool {
+    blob.version == id && u8::try_from(blob.channel.len()).is_ok()
 }
 
 impl Kept {
-    /// Encodes a commit; returns the checkpoint and each blob's stored form, in order.
-    fn pack(ckpt: &NewCheckpoint, blobs: &[super::ChannelBlob]) -> Result<(Self, Vec<StoredBlob>)> {
-        let (mut body_len, mut metadata_len) = (0, 0);
+    /// Encodes a commit; returns the checkpoint and the stored form of each blob that is not
+    /// framed in its pack (see [`Kept`]), with its index in `blobs`.
+    fn pack(ckpt: &NewCheckpoint, blobs: &[super::ChannelBlob]) -> Result<(Self, Vec<(usize, StoredBlob)>)> {
+        let (mut body_len, mut metadata_len, mut framed_len) = (0, 0, 0);
         let pack = codec::pack(|buf| {
             codec::encode_body_into(buf, &ckpt.body)?;
             body_len = buf.len();
             codec::encode_into(buf, &*ckpt.metadata)?;
             metadata_len = buf.len() - body_len;
-            for blob in blobs {
+            for blob in blobs.iter().filter(|b| is_framed(ckpt.id, b)) {
+                let len = u32::try_from(blob.data.len())
+                    .map_err(|_| Error::Encoding("a channel value's encoding exceeds 4 GiB".into()))?;
+                buf.push(blob.channel.len() as u8);
+                buf.extend_from_slice(blob.channel.as_bytes());
+                buf.extend_from_slice(&OptId::new(blob.base)?.to_bytes());
+                buf.extend_from_slice(&len.to_le_bytes());
+                buf.extend_from_slice(&blob.data);
+            }
+            framed_len = buf.len() - body_len - metadata_len;
+            for blob in blobs.iter().filter(|b| !is_framed(ckpt.id, b)) {
                 buf.extend_from_slice(&blob.data);
             }
             Ok(())
@@ -148,13 +191,13 @@ impl Kept {
             return Err(Error::Encoding("a commit's encoded payloads exceed 4 GiB".into()));
         }
         // Every offset fits in 32 bits: the whole pack does.
-        let (body_len, metadata_len) = (body_len as u32, metadata_len as u32);
-        let mut next = body_len + metadata_len;
-        let mut stored = Vec::with_capacity(blobs.len());
-        for blob in blobs {
+        let (body_len, metadata_len, framed_len) = (body_len as u32, metadata_len as u32, framed_len as u32);
+        let mut next = body_len + metadata_len + framed_len;
+        let mut stored = Vec::new();
+        for (i, blob) in blobs.iter().enumerate().filter(|(_, b)| !is_framed(ckpt.id, b)) {
             let (at, len) = (next, blob.data.len() as u32);
             next += len;
-            stored.push(StoredBlob { base: OptId::new(blob.base)?, pack: Arc::clone(&pack), at, len });
+            stored.push((i, StoredBlob { base: OptId::new(blob.base)?, pack: Arc::clone(&pack), at, len }));
         }
         let since_epoch = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         let kept = Kept {
@@ -165,8 +208,26 @@ impl Kept {
             pack,
             body_len,
             metadata_len,
+            framed_len,
         };
         Ok((kept, stored))
+    }
+
+    /// The version of `channel` framed in this pack (see [`Kept`]): its base and its bytes.
+    fn framed(&self, channel: &str) -> Option<(Option<u64>, &[u8])> {
+        let start = (self.body_len + self.metadata_len) as usize;
+        let mut rest = self.pack.get(start..start + self.framed_len as usize)?;
+        while let Some((&name_len, tail)) = rest.split_first() {
+            let (name, tail) = tail.split_at_checked(usize::from(name_len))?;
+            let (base, tail) = tail.split_first_chunk::<8>()?;
+            let (len, tail) = tail.split_first_chunk::<4>()?;
+            let (bytes, tail) = tail.split_at_checked(u32::from_le_bytes(*len) as usize)?;
+            if name == channel.as_bytes() {
+                return Some((OptId::from_bytes(*base).get(), bytes));
+            }
+            rest = tail;
+        }
+        None
     }
 
     fn body(&self) -> Result<CheckpointBody> {
@@ -302,7 +363,8 @@ impl Checkpointer for MemoryCheckpointer {
                 rec.spaces.len() - 1
             });
             let space = &mut rec.spaces[at];
-            for (blob, stored) in commit.blobs.iter().zip(stored) {
+            for (i, stored) in stored {
+                let blob = &commit.blobs[i];
                 let versions = match space.blobs.get_mut(&blob.channel) {
                     Some(versions) => versions,
                     None => space.blobs.entry(blob.channel.clone()).or_default(),
@@ -332,9 +394,7 @@ impl Checkpointer for MemoryCheckpointer {
             let Some(space) = rec.space(ns) else { return Ok(None) };
             let Some(kept) = space.checkpoints.get(&id.unwrap_or(space.head)) else { return Ok(None) };
             let body = kept.body()?;
-            let values = materialize(&body, |channel, v| {
-                space.blobs.get(channel)?.get(&v).map(|b| (b.base.get(), b.bytes().to_vec()))
-            })?;
+            let values = materialize(&body, |channel, v| space.blob(channel, v).map(|(base, b)| (base, b.to_vec())))?;
             Ok(Some(StoredCheckpoint {
                 id: id.unwrap_or(space.head),
                 ns: ns.to_owned(),
@@ -414,17 +474,33 @@ impl Checkpointer for MemoryCheckpointer {
             for space in &mut rec.spaces {
                 let cut = space.checkpoints.len().saturating_sub(keep);
                 let doomed: Vec<u64> = space.checkpoints.keys().take(cut).copied().collect();
+                // The versions the kept checkpoints need, found while every pack is there.
+                let mut used = std::collections::BTreeSet::new();
+                let base_of = |c: &str, v: u64| space.blob(c, v).and_then(|(base, _)| base);
+                for kept in space.checkpoints.values().skip(cut) {
+                    used.extend(blobs_in_use([&kept.body()?], base_of));
+                }
+                // A needed version framed in a doomed checkpoint's pack moves out of it, into an
+                // allocation of its own.
+                for (channel, v) in &used {
+                    let Some(kept) = doomed.binary_search(v).ok().and_then(|_| space.checkpoints.get(v)) else {
+                        continue;
+                    };
+                    if let Some((base, bytes)) = kept.framed(channel) {
+                        let blob = StoredBlob {
+                            base: OptId::new(base)?,
+                            pack: Arc::from(bytes),
+                            at: 0,
+                            len: bytes.len() as u32,
+                        };
+                        space.blobs.entry(channel.clone()).or_default().insert(*v, blob);
+                    }
+                }
                 for id in &doomed {
                     space.checkpoints.remove(id);
                     space.writes.remove(id);
                 }
                 deleted += doomed.len() as u64;
-                let mut used = std::collections::BTreeSet::new();
-                let blobs = &space.blobs;
-                let base_of = |c: &str, v: u64| blobs.get(c)?.get(&v).and_then(|b| b.base.get());
-                for kept in space.checkpoints.values() {
-                    used.extend(blobs_in_use([&kept.body()?], base_of));
-                }
                 // A version kept past its commit's checkpoint moves out of that commit's pack,
                 // which would otherwise keep the pruned body and values alive.
                 let live: std::collections::HashSet<*const u8> =
@@ -438,6 +514,7 @@ impl Checkpointer for MemoryCheckpointer {
                         }
                     }
                 }
+                space.blobs.retain(|_, versions| !versions.is_empty());
             }
             Ok(deleted)
         })?;
@@ -507,9 +584,10 @@ mod tests {
         {
             let guard = lock(&store.inner);
             let space = &guard.threads["t"].spaces[0];
-            let first = &space.checkpoints[&1].pack;
-            assert!(Arc::ptr_eq(&space.blobs["once"][&1].pack, first), "one allocation per commit");
-            assert!(Arc::ptr_eq(&space.blobs["big"][&1].pack, first));
+            let first = &space.checkpoints[&1];
+            assert!(first.framed("once").is_some() && first.framed("big").is_some(), "in the commit's pack");
+            assert!(first.framed("other").is_none());
+            assert!(space.blobs.is_empty(), "no entries of their own");
         }
 
         assert_eq!(store.prune("t", 1).await.unwrap(), 3);
@@ -519,8 +597,9 @@ mod tests {
             let space = &guard.threads["t"].spaces[0];
             let kept = &space.blobs["once"][&1];
             assert_eq!(kept.pack.len(), kept.len as usize, "its own allocation, exactly its bytes");
-            assert!(!space.blobs["big"].contains_key(&1));
-            assert!(Arc::ptr_eq(&space.blobs["big"][&4].pack, &space.checkpoints[&4].pack));
+            assert_eq!(kept.bytes(), codec::encode(&once).unwrap());
+            assert!(!space.blobs.contains_key("big"), "version 1 of big is needed by no kept checkpoint");
+            assert!(space.checkpoints[&4].framed("big").is_some());
         }
         let head = store.load("t", "", None).await.unwrap().unwrap();
         assert_eq!(head.values["once"], once);
@@ -528,5 +607,41 @@ mod tests {
         // A second prune leaves it as it is.
         store.prune("t", 1).await.unwrap();
         assert_eq!(store.load("t", "", None).await.unwrap().unwrap().values["once"], once);
+    }
+
+    /// A version stored by a later commit than the checkpoint of its id (a held-back step's) has
+    /// an entry of its own, found by a load and kept by a prune.
+    #[tokio::test]
+    async fn a_version_committed_under_another_checkpoint_id_is_found_and_pruned_right() {
+        let store = MemoryCheckpointer::default();
+        let graph = GraphIdentity { name: "g".to_owned(), hash: "h".to_owned() };
+        let request = LeaseRequest { thread: "t", owner: "me", graph: &graph, allow_graph_change: false };
+        let lease = store.acquire(request).await.unwrap();
+        let mut versions = BTreeMap::new();
+        store.commit(&lease, &commit(1, &mut versions, &[("a", &json!("one"))])).await.unwrap();
+        let mut late = commit(2, &mut versions, &[("a", &json!("two"))]);
+        let kept_back = json!("held back since checkpoint 1");
+        late.blobs.push(ChannelBlob {
+            channel: "held".to_owned(),
+            version: 1,
+            base: None,
+            data: codec::encode(&kept_back).unwrap(),
+        });
+        let mut body = (*late.checkpoint.body).clone();
+        body.versions.insert("held".to_owned(), ChannelVersion::whole(1));
+        late.checkpoint.body = Arc::new(body);
+        store.commit(&lease, &late).await.unwrap();
+        {
+            let guard = lock(&store.inner);
+            let space = &guard.threads["t"].spaces[0];
+            assert!(space.checkpoints[&1].framed("held").is_none());
+            assert!(Arc::ptr_eq(&space.blobs["held"][&1].pack, &space.checkpoints[&2].pack));
+        }
+        let head = store.load("t", "", None).await.unwrap().unwrap();
+        assert_eq!((&head.values["a"], &head.values["held"]), (&json!("two"), &kept_back));
+        assert_eq!(store.load("t", "", Some(1)).await.unwrap().unwrap().values["a"], json!("one"));
+        assert_eq!(store.prune("t", 1).await.unwrap(), 1);
+        let head = store.load("t", "", None).await.unwrap().unwrap();
+        assert_eq!((&head.values["a"], &head.values["held"]), (&json!("two"), &kept_back));
     }
 }
