@@ -550,6 +550,15 @@ mod tests {
         StepCommit { thread: "t".to_owned(), ns: String::new(), checkpoint, blobs }
     }
 
+    /// A store holding the lease of thread `t`.
+    async fn leased() -> (MemoryCheckpointer, Lease) {
+        let store = MemoryCheckpointer::default();
+        let graph = GraphIdentity { name: "g".to_owned(), hash: "h".to_owned() };
+        let request = LeaseRequest { thread: "t", owner: "me", graph: &graph, allow_graph_change: false };
+        let lease = store.acquire(request).await.unwrap();
+        (store, lease)
+    }
+
     /// What a thread keeps per checkpoint and per version besides the packs: with `Option<u64>`
     /// and `SystemTime` fields a B-tree leaf of eleven took the next larger size class.
     #[test]
@@ -571,10 +580,7 @@ mod tests {
     /// prune gets one of its own, so the pruned body and values are freed.
     #[tokio::test]
     async fn a_version_kept_by_a_prune_lets_its_pruned_commit_go() {
-        let store = MemoryCheckpointer::default();
-        let graph = GraphIdentity { name: "g".to_owned(), hash: "h".to_owned() };
-        let request = LeaseRequest { thread: "t", owner: "me", graph: &graph, allow_graph_change: false };
-        let lease = store.acquire(request).await.unwrap();
+        let (store, lease) = leased().await;
         let (once, big) = (json!("written once, at checkpoint 1"), json!("x".repeat(1000)));
         let mut versions = BTreeMap::new();
         store.commit(&lease, &commit(1, &mut versions, &[("once", &once), ("big", &big)])).await.unwrap();
@@ -613,10 +619,7 @@ mod tests {
     /// an entry of its own, found by a load and kept by a prune.
     #[tokio::test]
     async fn a_version_committed_under_another_checkpoint_id_is_found_and_pruned_right() {
-        let store = MemoryCheckpointer::default();
-        let graph = GraphIdentity { name: "g".to_owned(), hash: "h".to_owned() };
-        let request = LeaseRequest { thread: "t", owner: "me", graph: &graph, allow_graph_change: false };
-        let lease = store.acquire(request).await.unwrap();
+        let (store, lease) = leased().await;
         let mut versions = BTreeMap::new();
         store.commit(&lease, &commit(1, &mut versions, &[("a", &json!("one"))])).await.unwrap();
         let mut late = commit(2, &mut versions, &[("a", &json!("two"))]);
