@@ -125,8 +125,7 @@ impl Channel {
     }
 
     /// Applies one super-step's writes (already in task-path order) to the current value.
-    pub(crate) fn reduce(&self, name: &str, current: Option<Value>, writes: impl Into<Writes>) -> Result<Reduced> {
-        let writes = writes.into();
+    pub(crate) fn reduce(&self, name: &str, current: Option<Value>, writes: Writes) -> Result<Reduced> {
         let current = current.or_else(|| self.default.clone());
         match &self.kind {
             ChannelKind::LastValue => last_value::reduce(name, writes).map(Reduced::Replaced),
@@ -148,19 +147,21 @@ impl Channel {
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+    use smallvec::smallvec;
 
     use super::*;
 
     #[test]
     fn last_value_refuses_two_writes_in_one_step() {
-        let err = Channel::last_value().reduce("topic", None, vec![json!(1), json!(2)]).unwrap_err();
+        let err = Channel::last_value().reduce("topic", None, smallvec![json!(1), json!(2)]).unwrap_err();
         assert!(err.to_string().contains("`topic`"), "{err}");
         assert!(err.to_string().contains("2 writes"), "{err}");
     }
 
     #[test]
     fn append_extends_lists_and_pushes_items_and_reports_only_new_items() {
-        let reduced = Channel::append().reduce("log", Some(json!(["a"])), vec![json!("b"), json!(["c", "d"])]).unwrap();
+        let reduced =
+            Channel::append().reduce("log", Some(json!(["a"])), smallvec![json!("b"), json!(["c", "d"])]).unwrap();
         assert_eq!(
             reduced,
             Reduced::Appended { value: json!(["a", "b", "c", "d"]), items: vec![json!("b"), json!("c"), json!("d")] }
@@ -170,7 +171,7 @@ mod tests {
     #[test]
     fn merge_replaces_keys_in_write_order() {
         let value = Channel::merge()
-            .reduce("m", Some(json!({"a": 1, "b": 1})), vec![json!({"b": 2}), json!({"b": 3, "c": 4})])
+            .reduce("m", Some(json!({"a": 1, "b": 1})), smallvec![json!({"b": 2}), json!({"b": 3, "c": 4})])
             .unwrap()
             .into_value();
         assert_eq!(value, json!({"a": 1, "b": 3, "c": 4}));
@@ -178,15 +179,15 @@ mod tests {
 
     #[test]
     fn merge_refuses_non_objects() {
-        assert!(Channel::merge().reduce("m", None, vec![json!(3)]).is_err());
+        assert!(Channel::merge().reduce("m", None, smallvec![json!(3)]).is_err());
     }
 
     #[test]
     fn sum_keeps_integers_exact_and_accepts_floats() {
         let sum = Channel::sum();
-        assert_eq!(sum.reduce("n", None, vec![json!(2), json!(3)]).unwrap().into_value(), json!(5));
-        assert_eq!(sum.reduce("n", Some(json!(1)), vec![json!(0.5)]).unwrap().into_value(), json!(1.5));
-        assert!(sum.reduce("n", None, vec![json!("x")]).is_err());
+        assert_eq!(sum.reduce("n", None, smallvec![json!(2), json!(3)]).unwrap().into_value(), json!(5));
+        assert_eq!(sum.reduce("n", Some(json!(1)), smallvec![json!(0.5)]).unwrap().into_value(), json!(1.5));
+        assert!(sum.reduce("n", None, smallvec![json!("x")]).is_err());
     }
 
     #[test]
@@ -196,8 +197,8 @@ mod tests {
             let b = write.as_i64().ok_or("not an integer")?;
             Ok(json!(a.max(b)))
         }));
-        assert_eq!(max.reduce("m", Some(json!(4)), vec![json!(9), json!(2)]).unwrap().into_value(), json!(9));
-        let err = max.reduce("m", None, vec![json!("x")]).unwrap_err();
+        assert_eq!(max.reduce("m", Some(json!(4)), smallvec![json!(9), json!(2)]).unwrap().into_value(), json!(9));
+        let err = max.reduce("m", None, smallvec![json!("x")]).unwrap_err();
         assert!(err.to_string().contains("not an integer"));
     }
 }
