@@ -220,6 +220,58 @@ async fn postgres_new_threads_are_ordinary_threads_once_run(pool: sqlx::PgPool) 
     new_threads_are_ordinary_threads_once_run(Arc::new(PostgresCheckpointer::from_pool(pool).await.unwrap())).await;
 }
 
+/// A new thread whose lease another runner holds (its id was given to that runner while the new
+/// thread's run was in its first node) is refused when its first step commits: the take finds
+/// the lock held, stores nothing, and the other runner's run goes on and finishes.
+#[sqlx::test(migrations = false)]
+async fn postgres_new_thread_held_by_another_runner_is_refused(pool: sqlx::PgPool) {
+    let mine: Arc<dyn Checkpointer> = Arc::new(PostgresCheckpointer::from_pool(pool.clone()).await.unwrap());
+    let theirs: Arc<dyn Checkpointer> = Arc::new(PostgresCheckpointer::from_pool(pool.clone()).await.unwrap());
+    let input = || Update::new().set("total", 10).set("log", "input");
+    let graph = adder(mine);
+    let thread = graph.new_thread();
+    let id = thread.id().to_owned();
+
+    // Their run holds the thread's lease while its node waits.
+    let (started, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let started = Arc::new(std::sync::Mutex::new(Some(started)));
+    let (wait, signal) = (Arc::clone(&release), Arc::clone(&started));
+    let blocking = GraphBuilder::new("adder")
+        .channel("total", Channel::sum())
+        .channel("log", Channel::append())
+        .node(
+            "one",
+            node_fn(move |_, _| {
+                let (wait, signal) = (Arc::clone(&wait), Arc::clone(&signal));
+                async move {
+                    if let Some(started) = signal.lock().unwrap().take() {
+                        let _ = started.send(());
+                    }
+                    wait.notified().await;
+                    Ok(Update::new().set("total", 1).set("log", "theirs"))
+                }
+            }),
+        )
+        .edge(START, "one")
+        .edge("one", END)
+        .compile()
+        .unwrap()
+        .with_checkpointer(theirs);
+    let their_id = id.clone();
+    let their_run =
+        tokio::spawn(async move { blocking.invoke(&their_id, Input::Start(input()), &RunConfig::default()).await });
+    started_rx.await.unwrap();
+
+    let refused = graph.invoke_new(thread, input(), &RunConfig::default()).await;
+    assert!(matches!(&refused, Err(Error::LeaseHeld { .. })), "{refused:?}");
+    release.notify_one();
+    let done = their_run.await.unwrap().unwrap();
+    assert_eq!(done.state().unwrap().to_json()["log"], json!(["input", "theirs"]));
+    let history = graph.history(&id, &ListFilter::default()).await.unwrap();
+    assert_eq!(history.len(), 2, "their admission and step, nothing of the refused run: {history:?}");
+}
+
 /// Whether the thread row, its admission and its first step's checkpoint were written by one
 /// transaction (one statement: the row versions' `xmin`).
 async fn made_with_first_step(pool: &sqlx::PgPool, thread: &str) -> bool {

@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Arguments as _, ConnectOptions, Connection, FromRow, PgConnection};
+use sqlx::{Arguments as _, ConnectOptions, Connection, PgConnection, Row as _};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -260,6 +260,15 @@ impl LeaseSession {
         let keys = unlocks.iter().filter(|(_, g)| *g == generation).map(|(key, _)| *key).collect();
         unlocks.clear();
         keys
+    }
+
+    /// Takes one key waiting to be unlocked on the session of `generation`, for a statement that
+    /// carries a single unlock; the others wait for the next lease statement or the flush a drop
+    /// schedules ([`UNLOCK_DELAY`]). Keys of an older session are dropped: they went with it.
+    fn take_unlock(&self, generation: u64) -> Option<i64> {
+        let mut unlocks = self.unlocks.lock().unwrap_or_else(PoisonError::into_inner);
+        unlocks.retain(|(_, g)| *g == generation);
+        unlocks.pop().map(|(key, _)| key)
     }
 
     /// Unlocks the keys of dropped leases that no lease statement carried.
@@ -857,35 +866,35 @@ saved AS (
 SELECT lock.locked, bumped.tid, bumped.epoch FROM lock CROSS JOIN unlocked LEFT JOIN bumped ON true"
 );
 
-/// A new thread's take ([`TAKE_NEW_SQL`], [`TAKE_NEW_STEP_SQL`]): the lock (`$5`), the thread
-/// row (`$1`..`$4`, epoch 1) unless a thread of that id exists, and with it the admission
-/// (`$7`..`$15`: id, parent, step, source, body, metadata, and its values' channels, bases and
-/// bytes), and `$rows` more rows. Whether a thread of that id existed is read only when no row was
-/// made ([`FOUND_NEW_SQL`]): a probe of `threads` and two of `checkpoints` in this statement,
-/// set up on every execution though run only then, cost about a tenth of its execution time.
+/// A new thread's take ([`TAKE_NEW_SQL`], [`TAKE_NEW_STEP_SQL`]): the lock (`$5`), the unlock of
+/// one dropped lease of this session (`$6`, or null), the thread row (`$1`..`$4`, epoch 1) unless
+/// a thread of that id exists, and with it the admission (`$7`..`$15`: id, parent, step, source,
+/// body, metadata, and its values' channels, bases and bytes), and `$rows` more rows. It returns
+/// the new `tid` once per row stored, nothing if it made no thread; whether it got the lock and
+/// which thread of that id existed are read only then ([`FOUND_NEW_SQL`]).
+///
+/// The insert of the checkpoints is the statement itself, not a CTE under a final select: every
+/// plan node costs each execution its set-up (`ExecInitNode`), and a join of the lock with the
+/// thread row and an aggregate over an array of unlocks cost a new thread's take 20 to 60 µs of
+/// server CPU (both shapes replayed by pgbench; see `benches/LEVERS.md`).
 macro_rules! take_new {
     ($lock:literal, $rows:literal) => {
         concat!(
-            "WITH lock AS (\n    SELECT pg_try_advisory_lock($5) AS locked",
+            "WITH lock AS (\n    SELECT pg_try_advisory_lock($5) AS locked, pg_advisory_unlock($6) AS unlocked",
             $lock,
             r"
-),
-unlocked AS (
-    SELECT count(pg_advisory_unlock(k)) AS n FROM unnest($6::int8[]) AS k
 ),
 made AS (
     INSERT INTO agentic.threads (thread_id, graph_name, graph_hash, owner, epoch)
     SELECT $1, $2, $3, $4, 1 FROM lock WHERE locked
     ON CONFLICT (thread_id) DO NOTHING
     RETURNING tid
-),
-admitted AS (
-    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
-    SELECT made.tid, '', r.* FROM made, (VALUES ($7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15)",
+)
+INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
+SELECT made.tid, '', r.* FROM made, (VALUES ($7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15)",
             $rows,
             r") AS r
-)
-SELECT lock.locked, made.tid AS made FROM lock CROSS JOIN unlocked LEFT JOIN made ON true"
+RETURNING tid"
         )
     };
 }
@@ -898,30 +907,28 @@ const TAKE_NEW_SQL: &str = take_new!(", set_config('synchronous_commit', 'off', 
 /// insert, durably: a new thread's run starts with no round trip of its own.
 const TAKE_NEW_STEP_SQL: &str = take_new!("", ", ($16, $17, $18, $19, $20, $21::jsonb, $22, $23, $24)");
 
-/// After a new thread's take made no row though it got the lock: the thread of that id (`$1`),
-/// and whether its first checkpoint is this very admission (`ours`: id `$2`, metadata `$3`, which
-/// holds the take's random mark) and holds the first step's checkpoint (`stepped`: id `$4`),
-/// i.e. whether it is the take's earlier try, whose answer was lost.
+/// After a new thread's take made no row: whether this session holds the lease's lock (`$5`, an
+/// advisory lock on a bigint key: its high and low halves as `classid` and `objid`, `objsubid`
+/// 1), and the thread of that id (`$1`) if there is one: whether its first checkpoint is this very
+/// admission (`ours`: id `$2`, metadata `$3`, which holds the take's random mark) and holds the
+/// first step's checkpoint (`stepped`: id `$4`), i.e. whether it is the take's earlier try, whose
+/// answer was lost.
 const FOUND_NEW_SQL: &str = r"
-SELECT t.tid, t.epoch,
+SELECT EXISTS (SELECT 1 FROM pg_locks l
+               WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted AND l.objsubid = 1
+                   AND l.classid = (($5 >> 32) & 4294967295)::oid AND l.objid = ($5 & 4294967295)::oid) AS locked,
+    t.tid, t.epoch,
     EXISTS (SELECT 1 FROM agentic.checkpoints k
             WHERE k.tid = t.tid AND k.ns = '' AND k.id = $2 AND k.metadata = $3::jsonb) AS ours,
     EXISTS (SELECT 1 FROM agentic.checkpoints k WHERE k.tid = t.tid AND k.ns = '' AND k.id = $4) AS stepped
-FROM agentic.threads t
-WHERE t.thread_id = $1";
+FROM (SELECT 1) AS one LEFT JOIN agentic.threads t ON t.thread_id = $1";
 
-/// What [`TAKE_NEW_SQL`] or [`TAKE_NEW_STEP_SQL`] did: `made` is the new thread's row id.
-#[derive(sqlx::FromRow)]
-struct TakenNew {
-    locked: bool,
-    made: Option<i64>,
-}
-
-/// What [`FOUND_NEW_SQL`] read: the thread that existed.
+/// What [`FOUND_NEW_SQL`] read: the lock, and the thread that existed.
 #[derive(sqlx::FromRow)]
 struct FoundNew {
-    tid: i64,
-    epoch: i64,
+    locked: bool,
+    tid: Option<i64>,
+    epoch: Option<i64>,
     ours: bool,
     stepped: bool,
 }
@@ -933,13 +940,15 @@ impl FoundNew {
         admission: u64,
         metadata: &str,
         first: Option<u64>,
-    ) -> std::result::Result<Option<Self>, sqlx::Error> {
+        key: i64,
+    ) -> std::result::Result<Self, sqlx::Error> {
         sqlx::query_as(FOUND_NEW_SQL)
             .bind(thread)
             .bind(admission as i64)
             .bind(metadata)
             .bind(first.map(|id| id as i64))
-            .fetch_optional(conn)
+            .bind(key)
+            .fetch_one(conn)
             .await
     }
 }
@@ -1556,22 +1565,26 @@ impl PostgresCheckpointer {
                 .bind(&deferred.graph.hash)
                 .bind(&deferred.owner)
                 .bind(held.key)
-                .bind(self.leases.take_unlocks(generation));
+                .bind(self.leases.take_unlock(generation));
             let mut query = bind_row(query, &admission.checkpoint, &body, &metadata, admission_blobs.clone());
             if let Some((commit, blobs, (body, metadata))) = &first {
                 query = bind_row(query, &commit.checkpoint, body, metadata, blobs.clone());
             }
             let answer = async {
-                let taken = query.fetch_one(&mut *conn).await.and_then(|row| TakenNew::from_row(&row))?;
-                if !taken.locked || taken.made.is_some() {
-                    return Ok((taken, None));
+                // One row per checkpoint stored, each with the new thread's tid.
+                let made: Option<i64> = match query.fetch_optional(&mut *conn).await? {
+                    Some(row) => Some(row.try_get(0)?),
+                    None => None,
+                };
+                if made.is_some() {
+                    return Ok((made, None));
                 }
                 let first_id = first.as_ref().map(|(commit, ..)| commit.checkpoint.id);
-                let found = FoundNew::read(conn, &deferred.thread, admitted_id, &metadata, first_id).await?;
-                Ok((taken, found))
+                let found = FoundNew::read(conn, &deferred.thread, admitted_id, &metadata, first_id, held.key).await?;
+                Ok((None, Some(found)))
             }
             .await;
-            let (taken, found) = match answer {
+            let (made, found) = match answer {
                 Ok(answer) => answer,
                 // The session may have died (server restart, terminated): one more try on a new
                 // one, which adopts what this one stored if it landed.
@@ -1586,27 +1599,25 @@ impl PostgresCheckpointer {
                     return Err(fail(err));
                 }
             };
-            if !taken.locked {
+            if found.as_ref().is_some_and(|found| !found.locked) {
                 drop(guard);
                 return Err(self.lease_held(&deferred.thread).await);
             }
             let stepped = found.as_ref().is_some_and(|found| found.stepped);
-            let tid = match (taken.made, found) {
-                (Some(tid), _) => tid,
-                (None, Some(found)) if found.epoch == 1 && found.ours => found.tid,
-                _ => {
-                    // Another run's thread: its lock is given back at once (the lease holds
-                    // nothing, and a try again refused again takes and gives back again).
-                    let unlocked =
-                        sqlx::query("SELECT pg_advisory_unlock($1)").bind(held.key).execute(&mut *conn).await;
-                    if unlocked.is_err() {
-                        guard.1 = None;
-                    }
-                    return Err(Error::InvalidState(format!(
-                        "new thread `{}` exists already: its id was used by another run",
-                        deferred.thread
-                    )));
+            // Made now, or by this take's earlier try (epoch 1: nobody took it since).
+            let ((Some(tid), _) | (None, Some(FoundNew { tid: Some(tid), epoch: Some(1), ours: true, .. }))) =
+                (made, found)
+            else {
+                // Another run's thread: its lock is given back at once (the lease holds nothing,
+                // and a try again refused again takes and gives back again).
+                let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)").bind(held.key).execute(&mut *conn).await;
+                if unlocked.is_err() {
+                    guard.1 = None;
                 }
+                return Err(Error::InvalidState(format!(
+                    "new thread `{}` exists already: its id was used by another run",
+                    deferred.thread
+                )));
             };
             drop(guard);
             // The lock is held, on this session: the lease releases it when dropped.
@@ -1615,11 +1626,11 @@ impl PostgresCheckpointer {
             let _ = held.tid.set(tid);
             deferred.taken.store(true, Ordering::Release);
             self.leases.deferred.lock().unwrap_or_else(PoisonError::into_inner).remove(&deferred.thread);
-            let stored = first.is_some() && (taken.made.is_some() || stepped);
+            let stored = first.is_some() && (made.is_some() || stepped);
             if let Some((commit, ..)) = first.filter(|_| stored) {
                 held.settle(&commit.ns, Some(commit.checkpoint.id), Some(seen));
                 held.unflushed.store(false, Ordering::Release);
-            } else if taken.made.is_none() {
+            } else if made.is_none() {
                 // Adopted: an earlier try may have stored more than this one knows of (its step):
                 // the next commit checks the head.
                 held.settle("", None, None);
