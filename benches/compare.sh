@@ -11,7 +11,7 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-Usage: benches/compare.sh [--quick] [--reps N] [--secs S] [--out DIR] [--fsync-threshold-ms MS]
+Usage: benches/compare.sh [--quick] [--reps N] [--secs S] [--out DIR] [--fsync-threshold-ms MS] [--harness PATH]
 
 Runs, interleaved, for N repetitions:
   pgbench      1 KiB single-row INSERT per transaction at 1, 16 and 64 clients
@@ -34,6 +34,10 @@ Options:
   --out DIR               where RESULTS.md and results.json go (default: benches/)
   --fsync-threshold-ms MS a 1-client probe slower than this per WAL fsync is the slow regime
                           (default 1.0; the two regimes are about 0.1 ms and 2.6 ms)
+  --harness PATH          run this agentic-bench binary instead of building one (CI passes the
+                          one its test run built: building the binary alone resolves dependency
+                          features without the tests' (tokio's test-util) and rebuilt tokio and
+                          everything above it, 4 minutes of CI); the report names it
   -h, --help              this help
 
 Environment: PGHOST (127.0.0.1), PGPORT (5432), PGUSER (postgres; a superuser: the script sets
@@ -49,6 +53,7 @@ REPS=3
 SECS=10
 OUT=""
 THRESHOLD=1.0
+HARNESS=""
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -56,6 +61,7 @@ while [[ $# -gt 0 ]]; do
         --secs) SECS=$2; shift ;;
         --out) OUT=$2; shift ;;
         --fsync-threshold-ms) THRESHOLD=$2; shift ;;
+        --harness) HARNESS=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -143,11 +149,16 @@ fi
 lg_ready || { echo "the LangGraph venv at $VENV does not import langgraph" >&2; exit 1; }
 
 # --- our harness --------------------------------------------------------------------------------
-say "building agentic-bench ($PROFILE)"
-if [[ $PROFILE == release ]]; then
+if [[ -n $HARNESS ]]; then
+    [[ -x $HARNESS ]] || { echo "--harness $HARNESS: not an executable file" >&2; exit 2; }
+    OURS=$(cd "$(dirname "$HARNESS")" && pwd)/$(basename "$HARNESS")
+    say "using the harness binary $OURS"
+elif [[ $PROFILE == release ]]; then
+    say "building agentic-bench ($PROFILE)"
     (cd "$ROOT" && cargo build --release --quiet --bin agentic-bench)
     OURS=$ROOT/target/release/agentic-bench
 else
+    say "building agentic-bench ($PROFILE)"
     (cd "$ROOT" && cargo build --quiet --bin agentic-bench)
     OURS=$ROOT/target/debug/agentic-bench
 fi
@@ -263,9 +274,9 @@ machine_line() { # phase
                            'commit_delay', 'full_page_writes', 'shared_preload_libraries', 'track_wal_io_timing', 'ssl')")" \
         "$(rustc --version)" "$("$VENV/bin/python" --version)" \
         "$(git -C "$ROOT" rev-parse --short HEAD 2> /dev/null || echo unknown)" \
-        "$(git -C "$ROOT" status --porcelain -- runtime migrations src 2> /dev/null | wc -l)" >> "$RAW" <<'PY'
+        "$(git -C "$ROOT" status --porcelain -- runtime migrations src 2> /dev/null | wc -l)" "$HARNESS" >> "$RAW" <<'PY'
 import json, os, platform, sys, time
-phase, quick, reps, secs, slices, threshold, pg, settings, rustc, python, commit, dirty = sys.argv[1:]
+phase, quick, reps, secs, slices, threshold, pg, settings, rustc, python, commit, dirty, harness = sys.argv[1:]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 mem = next((l.split()[1] for l in open("/proc/meminfo") if l.startswith("MemTotal")), "0")
 print(json.dumps({"harness": "compare", "phase": phase, "time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -274,7 +285,7 @@ print(json.dumps({"harness": "compare", "phase": phase, "time": time.strftime("%
                   "mem_gib": round(int(mem) / 1048576, 1), "kernel": platform.release(), "postgres": pg,
                   "pg_settings": settings, "rustc": rustc, "python": python,
                   "loadavg": open("/proc/loadavg").read().split()[:3],
-                  "commit": commit, "uncommitted_files": int(dirty)}))
+                  "commit": commit, "uncommitted_files": int(dirty), "harness_binary": harness or None}))
 PY
 }
 

@@ -217,8 +217,10 @@ def render(run, rows):
         md.append("- TLS: the server has ssl=on and sqlx, psycopg and pgbench (libpq) all default to sslmode=prefer, "
                   "so every client encrypts on loopback alike.")
     if start.get("commit"):
+        built = (f"the harness binary given: {start['harness_binary']}" if start.get("harness_binary")
+                 else "the harness is built from the work tree")
         md.append(f"- Code: commit {start['commit']}, with {start.get('uncommitted_files', 0)} uncommitted file(s) under "
-                  "runtime/, migrations/ and src/ when the run started (the harness is built from the work tree).")
+                  f"runtime/, migrations/ and src/ when the run started ({built}).")
     md.append(f"- {start.get('rustc')}; {start.get('python')}, "
               + ", ".join(f"{k} {v}" for k, v in lg_versions.items()) + ".")
     others = [((l.get("context") or {}).get("other_client_sessions")) for l in run.measures if l.get("harness") == "agentic"]
