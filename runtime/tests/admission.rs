@@ -14,7 +14,7 @@ use agentic_runtime::checkpoint::{
     StepRef, StoredCheckpoint, ThreadInfo,
 };
 use agentic_runtime::{
-    Channel, END, Error, Graph, GraphBuilder, Input, MemoryCheckpointer, PostgresCheckpointer, Result, RunConfig,
+    Channel, END, Error, Graph, GraphBuilder, Input, MemoryCheckpointer, Node, PostgresCheckpointer, Result, RunConfig,
     START, Update, node_fn,
 };
 use async_trait::async_trait;
@@ -78,10 +78,15 @@ impl Checkpointer for LostAnswer {
 
 /// Input `n` is added to `total` and `log` gets it appended; one node adds 1 more.
 fn adder(store: Arc<dyn Checkpointer>) -> Graph {
+    adder_with(store, node_fn(|_, _| async { Ok(Update::new().set("total", 1).set("log", "one")) }))
+}
+
+/// [`adder`]'s graph with another node `one`.
+fn adder_with(store: Arc<dyn Checkpointer>, one: impl Node) -> Graph {
     GraphBuilder::new("adder")
         .channel("total", Channel::sum())
         .channel("log", Channel::append())
-        .node("one", node_fn(|_, _| async { Ok(Update::new().set("total", 1).set("log", "one")) }))
+        .node("one", one)
         .edge(START, "one")
         .edge("one", END)
         .compile()
@@ -237,27 +242,19 @@ async fn postgres_new_thread_held_by_another_runner_is_refused(pool: sqlx::PgPoo
     let release = Arc::new(tokio::sync::Notify::new());
     let started = Arc::new(std::sync::Mutex::new(Some(started)));
     let (wait, signal) = (Arc::clone(&release), Arc::clone(&started));
-    let blocking = GraphBuilder::new("adder")
-        .channel("total", Channel::sum())
-        .channel("log", Channel::append())
-        .node(
-            "one",
-            node_fn(move |_, _| {
-                let (wait, signal) = (Arc::clone(&wait), Arc::clone(&signal));
-                async move {
-                    if let Some(started) = signal.lock().unwrap().take() {
-                        let _ = started.send(());
-                    }
-                    wait.notified().await;
-                    Ok(Update::new().set("total", 1).set("log", "theirs"))
+    let blocking = adder_with(
+        theirs,
+        node_fn(move |_, _| {
+            let (wait, signal) = (Arc::clone(&wait), Arc::clone(&signal));
+            async move {
+                if let Some(started) = signal.lock().unwrap().take() {
+                    let _ = started.send(());
                 }
-            }),
-        )
-        .edge(START, "one")
-        .edge("one", END)
-        .compile()
-        .unwrap()
-        .with_checkpointer(theirs);
+                wait.notified().await;
+                Ok(Update::new().set("total", 1).set("log", "theirs"))
+            }
+        }),
+    );
     let their_id = id.clone();
     let their_run =
         tokio::spawn(async move { blocking.invoke(&their_id, Input::Start(input()), &RunConfig::default()).await });

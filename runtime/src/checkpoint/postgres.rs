@@ -218,7 +218,8 @@ struct LeaseSession {
     /// is refused here, while the session that holds the lock lives.
     held: Mutex<HashMap<i64, u64>>,
     /// Locks of dropped leases not unlocked yet (key, session generation): the next statement
-    /// that takes a lease unlocks them, or a flush [`UNLOCK_DELAY`] after the drop.
+    /// that takes a lease unlocks them (a new thread's take one of them), or a flush
+    /// [`UNLOCK_DELAY`] after the drop.
     unlocks: Mutex<Vec<(i64, u64)>>,
     /// Leases of new threads whose take waits for their first need of the thread (see
     /// [`Deferred`]), by thread: a pending write names only the thread.
