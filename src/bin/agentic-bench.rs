@@ -1669,6 +1669,7 @@ const STATEMENT_LABELS: &[(&str, &str)] = &[
         "FROM agentic.threads t WHERE t.tid = $1",
         "commit step on the lease session: head check, checkpoint row, folded writes",
     ),
+    ("RETURNING tid, ns", "commit step, fenced, heads known and no pending writes: epoch, checkpoint"),
     ("INSERT INTO agentic.checkpoints", "commit step, fenced: epoch, head check, checkpoint, values, folded writes"),
     ("WITH target AS", "load: head checkpoint"),
     ("WITH RECURSIVE chain", "load: channel values"),

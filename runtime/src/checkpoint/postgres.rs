@@ -12,7 +12,9 @@
 //!   channel versions it wrote) behind a head check, and the fold of the parent's pending writes.
 //!   Otherwise, or once the lease's session is gone, the fenced statement: the thread row locked
 //!   FOR SHARE with the lease's epoch, the same head check, the rows. That statement takes a
-//!   batch of commits of different threads ([`PostgresCheckpointer::commit_batch`]).
+//!   batch of commits of different threads ([`PostgresCheckpointer::commit_batch`]); when every
+//!   lease in it knows its head and that no pending write is stored, it is the fence and the
+//!   insert alone ([`COMMIT_LEAN_SQL`]).
 //! - A new thread minted for its run ([`Checkpointer::begin_new`]) is taken by its first step's
 //!   commit: one durable statement takes the lock, makes the thread row and stores the admission
 //!   and the step ([`Deferred`]). Nobody else can name that thread, so nothing contends for it
@@ -131,7 +133,21 @@ const MAX_BATCH: usize = 256;
 struct CommitJob {
     lease: Lease,
     commit: StepCommit,
+    /// Whether it may go in [`COMMIT_LEAN_SQL`] (see [`Lean`]).
+    lean: Lean,
     reply: oneshot::Sender<Result<()>>,
+}
+
+/// Whether a fenced commit may skip what [`COMMIT_SQL`] checks beyond the fence: its lease knows
+/// the namespace's head is the one the commit builds on and that no pending write is stored
+/// there ([`KnownHeads`], as for [`LEASED_INSERT_SQL`]), knows the thread's row id, and the
+/// commit's blobs are all versions of its own checkpoint. Only the fence is left: the lease's
+/// holder is the only one that commits to its thread, one commit at a time, and while the epoch
+/// it locks FOR SHARE is current nobody else holds the thread.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lean {
+    Yes,
+    No,
 }
 
 /// Group commit: commits from every runner of this checkpointer queue here, and each committer
@@ -158,8 +174,9 @@ async fn group_commits(
             }
         }
         let batch: Vec<(&Lease, &StepCommit)> = jobs.iter().map(|j| (&j.lease, &j.commit)).collect();
+        let lean: Vec<Lean> = jobs.iter().map(|j| j.lean).collect();
         let counted = InFlight::enter(&store.in_flight);
-        let results = store.commit_batch(&batch).await;
+        let results = store.batch(&batch, &lean).await;
         drop((counted, batch));
         for (job, result) in jobs.into_iter().zip(results) {
             let _ = job.reply.send(result);
@@ -638,6 +655,30 @@ folded AS (
 SELECT n FROM won
 ";
 
+/// [`COMMIT_SQL`] for a batch whose every commit is [`Lean::Yes`]: the fence, then the insert of
+/// the rows, no more. No head check (each lease knows its head), no fold (none has a pending
+/// write), no `channel_values` (every blob is in its row), no `ON CONFLICT` (a row of the same
+/// key would be a head the lease does not know: the statement fails, and the batch is committed
+/// one by one through [`SOLO_COMMIT_SQL`], which explains it). Each commit's `tid` is its lease's
+/// (`$1`). Returns `(tid, ns)` per row stored; a commit not among them was fenced out.
+///
+/// At 64 threads this is nearly every commit: the three CTEs it leaves out cost each statement
+/// their executor set-up and each row a head probe, a speculative insertion and a delete probe.
+const COMMIT_LEAN_SQL: &str = r"
+INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
+SELECT t.tid, c.ns, c.id, c.parent, c.step, c.source, c.body, c.metadata::jsonb,
+       CASE WHEN c.hi >= c.lo THEN ($12::text[])[c.lo:c.hi] END,
+       CASE WHEN c.hi >= c.lo THEN ($13::int8[])[c.lo:c.hi] END,
+       CASE WHEN c.hi >= c.lo THEN ($14::bytea[])[c.lo:c.hi] END
+FROM unnest($1::int8[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::text[], $8::bytea[],
+            $9::text[], $10::int4[], $11::int4[])
+        AS c(handle, ns, epoch, id, parent, step, source, body, metadata, lo, hi)
+    CROSS JOIN LATERAL (
+        SELECT t.tid FROM agentic.threads t WHERE t.tid = c.handle AND t.epoch = c.epoch FOR SHARE
+    ) t
+RETURNING tid, ns
+";
+
 /// [`COMMIT_SQL`] for one commit (the lease's session gone, or a lease built by hand) whose
 /// blobs are all versions of its own checkpoint: scalars instead of arrays, and the blobs in the
 /// checkpoint row (`$5`..`$13`, as [`bind_row`] binds them). The same fence, head check (`$14`)
@@ -1088,22 +1129,26 @@ impl PostgresCheckpointer {
                 if let Some(result) = self.leased_commit(lease, commit, lazy).await {
                     return result;
                 }
+                let seen = self.writes_seen.load(Ordering::Acquire);
                 let result = self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()));
-                return settled(lease, commit, result);
+                return settled(lease, commit, result, seen);
             }
             let (reply, answer) = oneshot::channel();
+            let seen = self.writes_seen.load(Ordering::Acquire);
+            let lean = lean(lease, commit, seen);
             // A minted thread's lease learnt its row id after it was made: the copy carries it.
-            let job =
-                CommitJob { lease: lease.fencing_copy().with_handle(tid_of(lease)), commit: commit.clone(), reply };
+            let lease_copy = lease.fencing_copy().with_handle(tid_of(lease));
+            let job = CommitJob { lease: lease_copy, commit: commit.clone(), lean, reply };
             if committer.send(job).is_ok()
                 && let Ok(result) = answer.await
             {
-                return settled(lease, commit, result);
+                return settled(lease, commit, result, seen);
             }
             // The committer is gone (its runtime shut down): commit directly.
         }
+        let seen = self.writes_seen.load(Ordering::Acquire);
         let result = self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()));
-        settled(lease, commit, result)
+        settled(lease, commit, result, seen)
     }
 
     /// Commits several super-steps, each as [`Checkpointer::commit`] would, in as few statements
@@ -1111,10 +1156,17 @@ impl PostgresCheckpointer {
     /// trip. Commits of the same namespace go in order, one per statement. Returns one result
     /// per commit, in order.
     pub async fn commit_batch(&self, commits: &[(&Lease, &StepCommit)]) -> Vec<Result<()>> {
+        self.batch(commits, &[]).await
+    }
+
+    /// [`PostgresCheckpointer::commit_batch`], with what the leases know of each commit (`lean`,
+    /// by position; missing: [`Lean::No`]).
+    async fn batch(&self, commits: &[(&Lease, &StepCommit)], lean: &[Lean]) -> Vec<Result<()>> {
         let mut results: Vec<Option<Result<()>>> = commits.iter().map(|_| None).collect();
         for round in rounds(commits) {
             let group: Vec<(&Lease, &StepCommit)> = round.iter().map(|&i| commits[i]).collect();
-            let outcomes = self.commit_round(&group).await;
+            let all_lean = round.iter().all(|&i| lean.get(i) == Some(&Lean::Yes));
+            let outcomes = self.commit_round(&group, all_lean).await;
             for (i, outcome) in round.into_iter().zip(outcomes) {
                 results[i] = Some(outcome);
             }
@@ -1122,18 +1174,19 @@ impl PostgresCheckpointer {
         results.into_iter().map(|r| r.unwrap_or_else(|| Err(unanswered()))).collect()
     }
 
-    /// Commits a group with at most one commit per (thread, namespace).
-    async fn commit_round(&self, group: &[(&Lease, &StepCommit)]) -> Vec<Result<()>> {
+    /// Commits a group with at most one commit per (thread, namespace); its first statement is
+    /// [`COMMIT_LEAN_SQL`] if `lean` (every commit is [`Lean::Yes`]), the others [`COMMIT_SQL`].
+    async fn commit_round(&self, group: &[(&Lease, &StepCommit)], lean: bool) -> Vec<Result<()>> {
         let mut results: Vec<Option<Result<()>>> = group.iter().map(|_| None).collect();
         let mut pending: Vec<usize> = (0..group.len()).collect();
         // A refusal that the follow-up query cannot explain means the state changed between the
         // two; a few attempts settle it.
-        for _ in 0..3 {
+        for attempt in 0..3 {
             if pending.is_empty() {
                 break;
             }
             let todo: Vec<(&Lease, &StepCommit)> = pending.iter().map(|&i| group[i]).collect();
-            match self.run_commit(&todo).await {
+            match self.run_commit(&todo, lean && attempt == 0).await {
                 Ok(outcomes) => {
                     let mut retry = Vec::new();
                     for (&i, outcome) in pending.iter().zip(outcomes) {
@@ -1148,7 +1201,7 @@ impl PostgresCheckpointer {
                     // One bad commit (say, an id stored twice) fails the whole statement: commit
                     // one by one so only it fails.
                     for &i in &pending {
-                        let one = Box::pin(self.commit_round(&group[i..=i])).await;
+                        let one = Box::pin(self.commit_round(&group[i..=i], false)).await;
                         results[i] = one.into_iter().next();
                     }
                     pending.clear();
@@ -1173,13 +1226,16 @@ impl PostgresCheckpointer {
     }
 
     /// Runs the commit statement, then explains the refusals. `None`: try again.
-    async fn run_commit(&self, todo: &[(&Lease, &StepCommit)]) -> Result<Vec<Option<Result<()>>>> {
+    async fn run_commit(&self, todo: &[(&Lease, &StepCommit)], lean: bool) -> Result<Vec<Option<Result<()>>>> {
         if let [(lease, commit)] = todo
             && let Some(blobs) = inline_blobs(commit)
         {
             return self.run_solo_commit(lease, commit, blobs).await;
         }
         let b = Batch::new(todo)?;
+        if lean {
+            return self.run_lean_commit(todo, &b).await;
+        }
         let mut conn = self.commit_conns.take(&self.pool).await?;
         let won: Vec<i64> = sqlx::query_scalar_with(COMMIT_SQL, arguments(21, b.encoded_bytes()))
             .bind(&b.thread)
@@ -1215,6 +1271,41 @@ impl PostgresCheckpointer {
         }
         let refused: Vec<usize> = (0..todo.len()).filter(|i| !won.contains(i)).collect();
         self.explain_refusals(todo, &refused, &mut outcomes).await?;
+        Ok(outcomes)
+    }
+
+    /// [`COMMIT_LEAN_SQL`] for a batch of [`Lean::Yes`] commits (each with its thread's row id
+    /// and only blobs of its own checkpoint, so `b.blob_*` is empty), then the refusals explained.
+    async fn run_lean_commit(&self, todo: &[(&Lease, &StepCommit)], b: &Batch) -> Result<Vec<Option<Result<()>>>> {
+        let mut conn = self.commit_conns.take(&self.pool).await?;
+        let stored: Vec<(i64, String)> = sqlx::query_as_with(COMMIT_LEAN_SQL, arguments(14, b.encoded_bytes()))
+            .bind(&b.handle)
+            .bind(&b.ns)
+            .bind(&b.epoch)
+            .bind(&b.id)
+            .bind(&b.parent)
+            .bind(&b.step)
+            .bind(&b.source)
+            .bind(&b.body)
+            .bind(&b.metadata)
+            .bind(&b.own_lo)
+            .bind(&b.own_hi)
+            .bind(&b.own_channel)
+            .bind(&b.own_base)
+            .bind(&b.own_data)
+            .fetch_all(&mut conn)
+            .await
+            .map_err(pg_error("commit"))?;
+        self.commit_conns.give_back(conn);
+        // One commit per (thread, namespace) in a round: the pair names the commit.
+        let stored: HashSet<(i64, &str)> = stored.iter().map(|(tid, ns)| (*tid, ns.as_str())).collect();
+        let mut outcomes: Vec<Option<Result<()>>> = (0..todo.len())
+            .map(|i| b.handle[i].is_some_and(|tid| stored.contains(&(tid, b.ns[i].as_str()))).then_some(Ok(())))
+            .collect();
+        let refused: Vec<usize> = (0..todo.len()).filter(|&i| outcomes[i].is_none()).collect();
+        if !refused.is_empty() {
+            self.explain_refusals(todo, &refused, &mut outcomes).await?;
+        }
         Ok(outcomes)
     }
 
@@ -1631,7 +1722,10 @@ impl PostgresCheckpointer {
             if let Some((commit, ..)) = first.filter(|_| stored) {
                 held.settle(&commit.ns, Some(commit.checkpoint.id), Some(seen));
                 held.unflushed.store(false, Ordering::Release);
-            } else if made.is_none() {
+            } else if made.is_some() {
+                // The take alone made the thread: its admission is the head, with no write.
+                held.settle(&admission.ns, Some(admitted_id), Some(seen));
+            } else {
                 // Adopted: an earlier try may have stored more than this one knows of (its step):
                 // the next commit checks the head.
                 held.settle("", None, None);
@@ -1821,11 +1915,22 @@ fn judge(lease: &Lease, commit: &StepCommit, verdict: &Verdict) -> Refusal {
     Refusal::Retry
 }
 
-/// Records a fenced commit's outcome in the heads its lease knows.
-fn settled(lease: &Lease, commit: &StepCommit, result: Result<()>) -> Result<()> {
+/// Whether a fenced commit may go in [`COMMIT_LEAN_SQL`] (see [`Lean`]), the checkpointer's
+/// write count being `seen`.
+fn lean(lease: &Lease, commit: &StepCommit, seen: u64) -> Lean {
+    let Some(held) = held_lock(lease) else { return Lean::No };
+    let (known, fold) = held.knows_head(&commit.ns, commit.checkpoint.expected_head, seen);
+    let own = commit.blobs.iter().all(|b| b.version == commit.checkpoint.id);
+    if known && !fold && own && tid_of(lease).is_some() { Lean::Yes } else { Lean::No }
+}
+
+/// Records a fenced commit's outcome in the heads its lease knows; `seen`: the checkpointer's
+/// write count read before the commit was sent (the statement folded every pending write stored
+/// by then; one counted since leaves the namespace not known clean).
+fn settled(lease: &Lease, commit: &StepCommit, result: Result<()>, seen: u64) -> Result<()> {
     if let Some(held) = held_lock(lease) {
-        // Folded, but writes may have been counted while the statement ran: not known clean.
-        held.settle(&commit.ns, result.is_ok().then_some(commit.checkpoint.id), None);
+        let head = result.is_ok().then_some(commit.checkpoint.id);
+        held.settle(&commit.ns, head, head.map(|_| seen));
         if result.is_ok() {
             held.unflushed.store(false, Ordering::Release); // a durable commit: WAL flushed up to it
         }
@@ -2220,6 +2325,75 @@ mod tests {
             },
             blobs: Vec::new(),
         }
+    }
+
+    /// Checkpoint `id` of `thread` on `parent`, setting channel `x` to `value`: a version of its
+    /// own, stored in its row.
+    fn step(thread: &str, id: u64, parent: Option<u64>, value: i64) -> StepCommit {
+        let mut step = commit(id, parent, serde_json::json!({}));
+        step.thread = thread.to_owned();
+        let data = super::super::codec::encode(&value).unwrap();
+        step.blobs = vec![super::super::ChannelBlob { channel: "x".to_owned(), version: id, base: None, data }];
+        step
+    }
+
+    /// A stored checkpoint row: thread, id, and the row's channels and values.
+    type StoredRow = (String, i64, Vec<String>, Vec<Vec<u8>>);
+
+    async fn take(store: &PostgresCheckpointer, thread: &str) -> Lease {
+        let graph = GraphIdentity { name: "g".to_owned(), hash: "h".to_owned() };
+        store.acquire(LeaseRequest { thread, owner: "me", graph: &graph, allow_graph_change: false }).await.unwrap()
+    }
+
+    /// A batch whose leases all know their heads goes in [`COMMIT_LEAN_SQL`]: each row gets its
+    /// own values, and the fence still refuses a lease whose thread was taken since, however
+    /// sure it is of its head. A row already there (a head a lease did not know) fails the lean
+    /// statement; the batch is then committed one by one, and that commit is found done.
+    #[sqlx::test(migrations = false)]
+    async fn a_lean_batch_is_fenced_and_falls_back_when_a_row_is_there(pool: PgPool) {
+        let store = PostgresCheckpointer::from_pool(pool.clone()).await.unwrap();
+        let (a, b, c_old) = (take(&store, "a").await, take(&store, "b").await, take(&store, "c").await);
+        let mut firsts = Vec::new();
+        for (lease, thread) in [(&a, "a"), (&b, "b"), (&c_old, "c")] {
+            let first = step(thread, lease.next_checkpoint_id(), None, 1);
+            store.commit(lease, &first).await.unwrap();
+            firsts.push(first.checkpoint.id);
+        }
+        // Another runner took `c` after this one's lease session was lost: the epoch it bumped
+        // is all the fence sees (this session's lock is moot once the session is gone).
+        sqlx::query("UPDATE agentic.threads SET epoch = epoch + 1 WHERE thread_id = 'c'").execute(&pool).await.unwrap();
+
+        let a2 = step("a", a.next_checkpoint_id(), Some(firsts[0]), 2);
+        let b2 = step("b", b.next_checkpoint_id(), Some(firsts[1]), 2);
+        let c2 = step("c", c_old.next_checkpoint_id(), Some(firsts[2]), 2);
+        let commits = [(&a, &a2), (&b, &b2), (&c_old, &c2)];
+        let seen = store.writes_seen.load(Ordering::Acquire);
+        let lean: Vec<Lean> = commits.iter().map(|(lease, commit)| lean(lease, commit, seen)).collect();
+        assert!(lean.iter().all(|l| *l == Lean::Yes), "every lease knows its head and no write");
+        let results = store.batch(&commits, &lean).await;
+        assert!(results[0].is_ok() && results[1].is_ok(), "{results:?}");
+        assert!(matches!(&results[2], Err(Error::LeaseLost { epoch, .. }) if *epoch == c_old.epoch), "{results:?}");
+        let rows: Vec<StoredRow> = sqlx::query_as(
+            "SELECT t.thread_id, c.id, c.channels, c.data FROM agentic.checkpoints c JOIN agentic.threads t USING (tid)
+             ORDER BY 1, 2",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let two = super::super::codec::encode(&2).unwrap();
+        let stored: Vec<(&str, i64)> = rows.iter().map(|(t, id, ..)| (t.as_str(), *id)).collect();
+        assert_eq!(stored, [("a", 1), ("a", 2), ("b", 1), ("b", 2), ("c", 1)]);
+        for (_, id, channels, data) in rows.iter().filter(|row| row.1 == 2) {
+            assert_eq!((channels.as_slice(), data.as_slice()), (&["x".to_owned()][..], &[two.clone()][..]), "{id}");
+        }
+
+        // `a2` again: its row is there, so the lean statement fails; one by one, `a2` is found
+        // done and `b3` commits.
+        let b3 = step("b", b.next_checkpoint_id(), Some(b2.checkpoint.id), 3);
+        let results = store.batch(&[(&a, &a2), (&b, &b3)], &[Lean::Yes, Lean::Yes]).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        assert_eq!(store.head("a", "").await.unwrap(), Some(a2.checkpoint.id));
+        assert_eq!(store.head("b", "").await.unwrap(), Some(b3.checkpoint.id));
     }
 
     /// A deferred take sent again after its answer was lost (the session died after the commit)
