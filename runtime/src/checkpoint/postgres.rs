@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Arguments as _, ConnectOptions, Connection, PgConnection, Row as _};
 use tokio::sync::{mpsc, oneshot};
 
@@ -509,7 +509,16 @@ struct Batch {
     blob_data: Vec<Vec<u8>>,
 }
 
+/// A PostgreSQL statement with its arguments bound.
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, PgArguments>;
+
 impl Batch {
+    /// Binds what both batch statements take last: each commit's slice of its own blobs (`lo`,
+    /// `hi`, 1-based) and the flat arrays the slices cut (channel, base, bytes).
+    fn bind_own<'q>(&'q self, query: PgQuery<'q>) -> PgQuery<'q> {
+        query.bind(&self.own_lo).bind(&self.own_hi).bind(&self.own_channel).bind(&self.own_base).bind(&self.own_data)
+    }
+
     /// What its arrays take encoded, about: the variable-length values, plus 12 bytes (a length
     /// prefix and an 8-byte value) per element of each array: 13 arrays with an element per
     /// commit, 3 per own blob and 5 per other blob.
@@ -832,12 +841,12 @@ type InlineBlobs<'a> = (Option<Vec<&'a str>>, Option<Vec<Option<i64>>>, Option<V
 /// Binds a checkpoint row with its blobs in the order the one-commit statements take them: id,
 /// parent, step, source, body, metadata, channels, bases, data.
 fn bind_row<'q>(
-    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    query: PgQuery<'q>,
     ckpt: &NewCheckpoint,
     body: &[u8],
     metadata: &str,
     (channels, bases, data): InlineBlobs<'q>,
-) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+) -> PgQuery<'q> {
     query
         .bind(ckpt.id as i64)
         .bind(ckpt.parent.map(|p| p as i64))
@@ -1236,8 +1245,7 @@ impl PostgresCheckpointer {
         if lean {
             return self.run_lean_commit(todo, &b).await;
         }
-        let mut conn = self.commit_conns.take(&self.pool).await?;
-        let won: Vec<i64> = sqlx::query_scalar_with(COMMIT_SQL, arguments(21, b.encoded_bytes()))
+        let query = sqlx::query_with(COMMIT_SQL, arguments(21, b.encoded_bytes()))
             .bind(&b.thread)
             .bind(&b.handle)
             .bind(&b.ns)
@@ -1253,16 +1261,10 @@ impl PostgresCheckpointer {
             .bind(&b.blob_channel)
             .bind(&b.blob_version)
             .bind(&b.blob_base)
-            .bind(&b.blob_data)
-            .bind(&b.own_lo)
-            .bind(&b.own_hi)
-            .bind(&b.own_channel)
-            .bind(&b.own_base)
-            .bind(&b.own_data)
-            .fetch_all(&mut conn)
-            .await
-            .map_err(pg_error("commit"))?;
-        self.commit_conns.give_back(conn);
+            .bind(&b.blob_data);
+        let rows = self.run_batch(b.bind_own(query)).await?;
+        let won: Vec<i64> =
+            rows.iter().map(|row| row.try_get(0)).collect::<Result<_, _>>().map_err(pg_error("commit"))?;
         let won: HashSet<usize> = won.into_iter().map(|n| n as usize - 1).collect();
         let mut outcomes: Vec<Option<Result<()>>> =
             (0..todo.len()).map(|i| won.contains(&i).then_some(Ok(()))).collect();
@@ -1274,11 +1276,18 @@ impl PostgresCheckpointer {
         Ok(outcomes)
     }
 
+    /// Runs a batch statement on a commit connection, given back to the idle ones after it.
+    async fn run_batch(&self, query: PgQuery<'_>) -> Result<Vec<PgRow>> {
+        let mut conn = self.commit_conns.take(&self.pool).await?;
+        let rows = query.fetch_all(&mut conn).await.map_err(pg_error("commit"))?;
+        self.commit_conns.give_back(conn);
+        Ok(rows)
+    }
+
     /// [`COMMIT_LEAN_SQL`] for a batch of [`Lean::Yes`] commits (each with its thread's row id
     /// and only blobs of its own checkpoint, so `b.blob_*` is empty), then the refusals explained.
     async fn run_lean_commit(&self, todo: &[(&Lease, &StepCommit)], b: &Batch) -> Result<Vec<Option<Result<()>>>> {
-        let mut conn = self.commit_conns.take(&self.pool).await?;
-        let stored: Vec<(i64, String)> = sqlx::query_as_with(COMMIT_LEAN_SQL, arguments(14, b.encoded_bytes()))
+        let query = sqlx::query_with(COMMIT_LEAN_SQL, arguments(14, b.encoded_bytes()))
             .bind(&b.handle)
             .bind(&b.ns)
             .bind(&b.epoch)
@@ -1287,16 +1296,13 @@ impl PostgresCheckpointer {
             .bind(&b.step)
             .bind(&b.source)
             .bind(&b.body)
-            .bind(&b.metadata)
-            .bind(&b.own_lo)
-            .bind(&b.own_hi)
-            .bind(&b.own_channel)
-            .bind(&b.own_base)
-            .bind(&b.own_data)
-            .fetch_all(&mut conn)
-            .await
+            .bind(&b.metadata);
+        let rows = self.run_batch(b.bind_own(query)).await?;
+        let stored: Vec<(i64, String)> = rows
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()
             .map_err(pg_error("commit"))?;
-        self.commit_conns.give_back(conn);
         // One commit per (thread, namespace) in a round: the pair names the commit.
         let stored: HashSet<(i64, &str)> = stored.iter().map(|(tid, ns)| (*tid, ns.as_str())).collect();
         let mut outcomes: Vec<Option<Result<()>>> = (0..todo.len())
