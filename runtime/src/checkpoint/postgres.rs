@@ -133,21 +133,9 @@ const MAX_BATCH: usize = 256;
 struct CommitJob {
     lease: Lease,
     commit: StepCommit,
-    /// Whether it may go in [`COMMIT_LEAN_SQL`] (see [`Lean`]).
-    lean: Lean,
+    /// Whether it may go in [`COMMIT_LEAN_SQL`] (see [`lean`]).
+    lean: bool,
     reply: oneshot::Sender<Result<()>>,
-}
-
-/// Whether a fenced commit may skip what [`COMMIT_SQL`] checks beyond the fence: its lease knows
-/// the namespace's head is the one the commit builds on and that no pending write is stored
-/// there ([`KnownHeads`], as for [`LEASED_INSERT_SQL`]), knows the thread's row id, and the
-/// commit's blobs are all versions of its own checkpoint. Only the fence is left: the lease's
-/// holder is the only one that commits to its thread, one commit at a time, and while the epoch
-/// it locks FOR SHARE is current nobody else holds the thread.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Lean {
-    Yes,
-    No,
 }
 
 /// Group commit: commits from every runner of this checkpointer queue here, and each committer
@@ -174,7 +162,7 @@ async fn group_commits(
             }
         }
         let batch: Vec<(&Lease, &StepCommit)> = jobs.iter().map(|j| (&j.lease, &j.commit)).collect();
-        let lean: Vec<Lean> = jobs.iter().map(|j| j.lean).collect();
+        let lean: Vec<bool> = jobs.iter().map(|j| j.lean).collect();
         let counted = InFlight::enter(&store.in_flight);
         let results = store.batch(&batch, &lean).await;
         drop((counted, batch));
@@ -664,7 +652,7 @@ folded AS (
 SELECT n FROM won
 ";
 
-/// [`COMMIT_SQL`] for a batch whose every commit is [`Lean::Yes`]: the fence, then the insert of
+/// [`COMMIT_SQL`] for a batch whose every commit may go lean (see [`lean`]): the fence, then the insert of
 /// the rows, no more. No head check (each lease knows its head), no fold (none has a pending
 /// write), no `channel_values` (every blob is in its row), no `ON CONFLICT` (a row of the same
 /// key would be a head the lease does not know: the statement fails, and the batch is committed
@@ -1131,6 +1119,8 @@ impl PostgresCheckpointer {
                 return Ok(());
             }
         }
+        // The write count before the commit is sent: what its fold leaves known clean.
+        let seen = self.writes_seen.load(Ordering::Acquire);
         if let Some(committer) = &self.committer {
             // No statement in flight: no other commit to share one with, so commit here rather
             // than hand over to a committer task (a wake-up of another worker thread each way).
@@ -1138,12 +1128,10 @@ impl PostgresCheckpointer {
                 if let Some(result) = self.leased_commit(lease, commit, lazy).await {
                     return result;
                 }
-                let seen = self.writes_seen.load(Ordering::Acquire);
                 let result = self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()));
                 return settled(lease, commit, result, seen);
             }
             let (reply, answer) = oneshot::channel();
-            let seen = self.writes_seen.load(Ordering::Acquire);
             let lean = lean(lease, commit, seen);
             // A minted thread's lease learnt its row id after it was made: the copy carries it.
             let lease_copy = lease.fencing_copy().with_handle(tid_of(lease));
@@ -1155,7 +1143,6 @@ impl PostgresCheckpointer {
             }
             // The committer is gone (its runtime shut down): commit directly.
         }
-        let seen = self.writes_seen.load(Ordering::Acquire);
         let result = self.commit_batch(&[(lease, commit)]).await.pop().unwrap_or_else(|| Err(unanswered()));
         settled(lease, commit, result, seen)
     }
@@ -1169,12 +1156,12 @@ impl PostgresCheckpointer {
     }
 
     /// [`PostgresCheckpointer::commit_batch`], with what the leases know of each commit (`lean`,
-    /// by position; missing: [`Lean::No`]).
-    async fn batch(&self, commits: &[(&Lease, &StepCommit)], lean: &[Lean]) -> Vec<Result<()>> {
+    /// by position, see [`lean`]; missing: not lean).
+    async fn batch(&self, commits: &[(&Lease, &StepCommit)], lean: &[bool]) -> Vec<Result<()>> {
         let mut results: Vec<Option<Result<()>>> = commits.iter().map(|_| None).collect();
         for round in rounds(commits) {
             let group: Vec<(&Lease, &StepCommit)> = round.iter().map(|&i| commits[i]).collect();
-            let all_lean = round.iter().all(|&i| lean.get(i) == Some(&Lean::Yes));
+            let all_lean = round.iter().all(|&i| lean.get(i) == Some(&true));
             let outcomes = self.commit_round(&group, all_lean).await;
             for (i, outcome) in round.into_iter().zip(outcomes) {
                 results[i] = Some(outcome);
@@ -1184,7 +1171,7 @@ impl PostgresCheckpointer {
     }
 
     /// Commits a group with at most one commit per (thread, namespace); its first statement is
-    /// [`COMMIT_LEAN_SQL`] if `lean` (every commit is [`Lean::Yes`]), the others [`COMMIT_SQL`].
+    /// [`COMMIT_LEAN_SQL`] if `lean` (every commit may go lean), the others [`COMMIT_SQL`].
     async fn commit_round(&self, group: &[(&Lease, &StepCommit)], lean: bool) -> Vec<Result<()>> {
         let mut results: Vec<Option<Result<()>>> = group.iter().map(|_| None).collect();
         let mut pending: Vec<usize> = (0..group.len()).collect();
@@ -1284,7 +1271,7 @@ impl PostgresCheckpointer {
         Ok(rows)
     }
 
-    /// [`COMMIT_LEAN_SQL`] for a batch of [`Lean::Yes`] commits (each with its thread's row id
+    /// [`COMMIT_LEAN_SQL`] for a batch of commits that may go lean (each with its thread's row id
     /// and only blobs of its own checkpoint, so `b.blob_*` is empty), then the refusals explained.
     async fn run_lean_commit(&self, todo: &[(&Lease, &StepCommit)], b: &Batch) -> Result<Vec<Option<Result<()>>>> {
         let query = sqlx::query_with(COMMIT_LEAN_SQL, arguments(14, b.encoded_bytes()))
@@ -1921,13 +1908,18 @@ fn judge(lease: &Lease, commit: &StepCommit, verdict: &Verdict) -> Refusal {
     Refusal::Retry
 }
 
-/// Whether a fenced commit may go in [`COMMIT_LEAN_SQL`] (see [`Lean`]), the checkpointer's
-/// write count being `seen`.
-fn lean(lease: &Lease, commit: &StepCommit, seen: u64) -> Lean {
-    let Some(held) = held_lock(lease) else { return Lean::No };
+/// Whether a fenced commit may go in [`COMMIT_LEAN_SQL`], skipping what [`COMMIT_SQL`] checks
+/// beyond the fence, the checkpointer's write count being `seen`: its lease knows the
+/// namespace's head is the one the commit builds on and that no pending write is stored there
+/// ([`KnownHeads`], as for [`LEASED_INSERT_SQL`]), knows the thread's row id, and the commit's
+/// blobs are all versions of its own checkpoint. Only the fence is left: the lease's holder is
+/// the only one that commits to its thread, one commit at a time, and while the epoch it locks
+/// FOR SHARE is current nobody else holds the thread.
+fn lean(lease: &Lease, commit: &StepCommit, seen: u64) -> bool {
+    let Some(held) = held_lock(lease) else { return false };
     let (known, fold) = held.knows_head(&commit.ns, commit.checkpoint.expected_head, seen);
     let own = commit.blobs.iter().all(|b| b.version == commit.checkpoint.id);
-    if known && !fold && own && tid_of(lease).is_some() { Lean::Yes } else { Lean::No }
+    known && !fold && own && tid_of(lease).is_some()
 }
 
 /// Records a fenced commit's outcome in the heads its lease knows; `seen`: the checkpointer's
@@ -2374,8 +2366,8 @@ mod tests {
         let c2 = step("c", c_old.next_checkpoint_id(), Some(firsts[2]), 2);
         let commits = [(&a, &a2), (&b, &b2), (&c_old, &c2)];
         let seen = store.writes_seen.load(Ordering::Acquire);
-        let lean: Vec<Lean> = commits.iter().map(|(lease, commit)| lean(lease, commit, seen)).collect();
-        assert!(lean.iter().all(|l| *l == Lean::Yes), "every lease knows its head and no write");
+        let lean: Vec<bool> = commits.iter().map(|(lease, commit)| lean(lease, commit, seen)).collect();
+        assert_eq!(lean, [true; 3], "every lease knows its head and no write");
         let results = store.batch(&commits, &lean).await;
         assert!(results[0].is_ok() && results[1].is_ok(), "{results:?}");
         assert!(matches!(&results[2], Err(Error::LeaseLost { epoch, .. }) if *epoch == c_old.epoch), "{results:?}");
@@ -2396,7 +2388,7 @@ mod tests {
         // `a2` again: its row is there, so the lean statement fails; one by one, `a2` is found
         // done and `b3` commits.
         let b3 = step("b", b.next_checkpoint_id(), Some(b2.checkpoint.id), 3);
-        let results = store.batch(&[(&a, &a2), (&b, &b3)], &[Lean::Yes, Lean::Yes]).await;
+        let results = store.batch(&[(&a, &a2), (&b, &b3)], &[true, true]).await;
         assert!(results.iter().all(Result::is_ok), "{results:?}");
         assert_eq!(store.head("a", "").await.unwrap(), Some(a2.checkpoint.id));
         assert_eq!(store.head("b", "").await.unwrap(), Some(b3.checkpoint.id));
