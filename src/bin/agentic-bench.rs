@@ -1655,6 +1655,10 @@ const STATEMENT_LABELS: &[(&str, &str)] = &[
         "($16, $17, $18",
         "new thread's first step: advisory lock, thread row, admission and the step's checkpoint (durable)",
     ),
+    (
+        "WITH ORDINALITY AS r(thread_id",
+        "acquire several new threads' leases together: advisory locks, thread rows, admissions",
+    ),
     ("ON CONFLICT (thread_id) DO NOTHING", "acquire a new thread's lease alone: advisory lock, thread row, admission"),
     ("WHERE t.thread_id = $1", "a new thread's take that made no row: the thread that existed"),
     ("FROM fresh", "acquire lease + admission: advisory lock, thread epoch bump, a new thread's first checkpoint"),

@@ -18,7 +18,8 @@
 //! - A new thread minted for its run ([`Checkpointer::begin_new`]) is taken by its first step's
 //!   commit: one durable statement takes the lock, makes the thread row and stores the admission
 //!   and the step ([`Deferred`]). Nobody else can name that thread, so nothing contends for it
-//!   while its first step runs.
+//!   while its first step runs. Takes that wait for the lease session go together, in one
+//!   statement ([`TAKE_NEW_BATCH_SQL`]).
 //! - A lazy commit (a run's admission on an existing thread) runs on the lease session without
 //!   waiting for its WAL flush, as the take does; the lease's next durable commit, or its flush
 //!   as the run ends, makes both durable.
@@ -229,6 +230,12 @@ struct LeaseSession {
     /// Leases of new threads whose take waits for their first need of the thread (see
     /// [`Deferred`]), by thread: a pending write names only the thread.
     deferred: Mutex<HashMap<String, Weak<HeldLock>>>,
+    /// New threads' takes sent alone, waiting for the session: whoever gets it next sends them
+    /// all in one statement (see [`PostgresCheckpointer::take_together`]).
+    takes: Mutex<Vec<TakeJob>>,
+    /// Statements that carried several takes.
+    #[cfg(test)]
+    take_batches: AtomicU64,
 }
 
 /// How long a dropped lease's lock waits for a lease statement to carry its unlock before it is
@@ -248,6 +255,10 @@ impl LeaseSession {
             session.1 = Some(conn);
         }
         Ok(())
+    }
+
+    fn takes(&self) -> std::sync::MutexGuard<'_, Vec<TakeJob>> {
+        self.takes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The lease of a new thread whose take was deferred and not sent yet.
@@ -946,6 +957,75 @@ const TAKE_NEW_SQL: &str = take_new!(", set_config('synchronous_commit', 'off', 
 /// insert, durably: a new thread's run starts with no round trip of its own.
 const TAKE_NEW_STEP_SQL: &str = take_new!("", ", ($16, $17, $18, $19, $20, $21::jsonb, $22, $23, $24)");
 
+/// [`TAKE_NEW_SQL`] for several new threads (see [`PostgresCheckpointer::take_together`]): one
+/// row of arrays per take (`n`, its 1-based position: the thread's names, its lock's key and its
+/// admission, whose values are a slice `lo..hi` of `$14`..`$16`), the unlocks of dropped leases
+/// of this session (`$17`), committed without waiting for the WAL flush. Each lock is tried once
+/// (`lock` holds a volatile function: it is computed once, not inlined). Returns every take's
+/// position, whether it got its lock, and the new `tid` if it made the thread.
+const TAKE_NEW_BATCH_SQL: &str = r"
+WITH input AS (
+    SELECT *
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[], $8::int8[],
+                $9::text[], $10::bytea[], $11::text[], $12::int4[], $13::int4[])
+        WITH ORDINALITY AS r(thread_id, graph_name, graph_hash, owner, key, id, parent, step, source, body, metadata, lo, hi, n)
+),
+lock AS (
+    SELECT r.*, pg_try_advisory_lock(r.key) AS locked FROM input r
+),
+once AS (
+    SELECT count(pg_advisory_unlock(k)) AS unlocked, set_config('synchronous_commit', 'off', true) AS async
+    FROM unnest($17::int8[]) AS k
+),
+made AS (
+    INSERT INTO agentic.threads (thread_id, graph_name, graph_hash, owner, epoch)
+    SELECT l.thread_id, l.graph_name, l.graph_hash, l.owner, 1 FROM lock l WHERE l.locked
+    ON CONFLICT (thread_id) DO NOTHING
+    RETURNING tid, thread_id
+),
+saved AS (
+    INSERT INTO agentic.checkpoints (tid, ns, id, parent, step, source, body, metadata, channels, bases, data)
+    SELECT m.tid, '', l.id, l.parent, l.step, l.source, l.body, l.metadata::jsonb,
+           CASE WHEN l.hi >= l.lo THEN ($14::text[])[l.lo:l.hi] END,
+           CASE WHEN l.hi >= l.lo THEN ($15::int8[])[l.lo:l.hi] END,
+           CASE WHEN l.hi >= l.lo THEN ($16::bytea[])[l.lo:l.hi] END
+    FROM made m JOIN lock l USING (thread_id)
+)
+SELECT l.n, l.locked, m.tid FROM lock l LEFT JOIN made m USING (thread_id) CROSS JOIN once
+";
+
+/// The lease session while a statement of several takes is in flight: dropped before it is
+/// marked done (`.1`), it closes the session (see [`PostgresCheckpointer::take_together`]).
+struct CloseUnlessDone<'s>(&'s mut (u64, Option<PgConnection>), bool);
+
+impl Drop for CloseUnlessDone<'_> {
+    fn drop(&mut self) {
+        if !self.1 {
+            self.0.1 = None;
+        }
+    }
+}
+
+/// A new thread's take sent alone, waiting in [`LeaseSession::takes`] for a statement: what
+/// [`TAKE_NEW_BATCH_SQL`] binds for it, owned, and where its answer goes (the new `tid` and the
+/// session generation that holds its lock, if that statement made the thread).
+struct TakeJob {
+    thread: String,
+    graph: GraphIdentity,
+    owner: String,
+    key: i64,
+    id: i64,
+    parent: Option<i64>,
+    step: i64,
+    source: String,
+    body: Vec<u8>,
+    metadata: String,
+    channels: Vec<String>,
+    bases: Vec<Option<i64>>,
+    data: Vec<Vec<u8>>,
+    reply: oneshot::Sender<Option<(i64, u64)>>,
+}
+
 /// After a new thread's take made no row: whether this session holds the lease's lock (`$5`, an
 /// advisory lock on a bigint key: its high and low halves as `classid` and `objid`, `objsubid`
 /// 1), and the thread of that id (`$1`) if there is one: whether its first checkpoint is this very
@@ -1084,6 +1164,9 @@ impl PostgresCheckpointer {
             held: Mutex::default(),
             unlocks: Mutex::default(),
             deferred: Mutex::default(),
+            takes: Mutex::default(),
+            #[cfg(test)]
+            take_batches: AtomicU64::new(0),
         });
         let direct = PostgresCheckpointer {
             pool,
@@ -1637,6 +1720,9 @@ impl PostgresCheckpointer {
         let size = deferred.encoded_bytes(&body, &metadata)
             + first.as_ref().map_or(0, |(commit, _, (body, metadata))| row_bytes(body, metadata, commit));
         let seen = self.writes_seen.load(Ordering::Acquire);
+        if first.is_none() && self.take_together(held, deferred, (&body, &metadata, &admission_blobs), seen).await {
+            return Ok(false);
+        }
         let fail = pg_error("acquire");
         let mut guard = self.leases.conn.lock().await;
         for attempt in 0..2 {
@@ -1705,12 +1791,7 @@ impl PostgresCheckpointer {
                 )));
             };
             drop(guard);
-            // The lock is held, on this session: the lease releases it when dropped.
-            held.generation.store(generation, Ordering::Release);
-            self.leases.held().insert(held.key, generation);
-            let _ = held.tid.set(tid);
-            deferred.taken.store(true, Ordering::Release);
-            self.leases.deferred.lock().unwrap_or_else(PoisonError::into_inner).remove(&deferred.thread);
+            self.taken(held, deferred, tid, generation);
             let stored = first.is_some() && (made.is_some() || stepped);
             if let Some((commit, ..)) = first.filter(|_| stored) {
                 held.settle(&commit.ns, Some(commit.checkpoint.id), Some(seen));
@@ -1726,6 +1807,186 @@ impl PostgresCheckpointer {
             return Ok(stored);
         }
         Err(Error::Checkpoint { backend: BACKEND, message: "acquire: no lease session".to_owned(), transient: true })
+    }
+
+    /// Records a deferred take that went through: thread `tid`, whose lock the lease session of
+    /// `generation` holds (the lease releases it when dropped).
+    fn taken(&self, held: &HeldLock, deferred: &Deferred, tid: i64, generation: u64) {
+        held.generation.store(generation, Ordering::Release);
+        self.leases.held().insert(held.key, generation);
+        let _ = held.tid.set(tid);
+        deferred.taken.store(true, Ordering::Release);
+        self.leases.deferred.lock().unwrap_or_else(PoisonError::into_inner).remove(&deferred.thread);
+    }
+
+    /// A new thread's take sent alone (its admission's row `body`, `metadata` and `blobs`), with
+    /// the others waiting for the lease session: whoever gets the session sends every take
+    /// queued in one statement ([`TAKE_NEW_BATCH_SQL`]). At many threads each run's take goes
+    /// alone (its first step commits through the group committer), and the one lease session
+    /// carried one statement, with its executor set-up and commit, per run.
+    ///
+    /// `true` if such a statement made the thread and took its lock: the lease records it (with
+    /// the write count `seen` read before). `false` if the take is to be sent alone, as before: no
+    /// other take waited, or the statement did not make this thread (its lock held elsewhere, a
+    /// thread of that id, the statement failed), whose outcome the take alone finds and explains.
+    /// A lock the statement got for a thread it did not make is given back first, so the lone
+    /// take finds the lock as it was.
+    async fn take_together(
+        &self,
+        held: &HeldLock,
+        deferred: &Deferred,
+        row: (&[u8], &str, &InlineBlobs<'_>),
+        seen: u64,
+    ) -> bool {
+        let Some((tid, generation)) = self.send_together(held, deferred, row).await else { return false };
+        self.taken(held, deferred, tid, generation);
+        // The take made the thread: its admission is the head, with no write.
+        held.settle(&deferred.admission.ns, Some(deferred.admission.checkpoint.id), Some(seen));
+        true
+    }
+
+    /// [`PostgresCheckpointer::take_together`]'s queue: the new `tid` and the session generation
+    /// that holds its lock, if the statement that carried this take made the thread.
+    async fn send_together(
+        &self,
+        held: &HeldLock,
+        deferred: &Deferred,
+        (body, metadata, (channels, bases, data)): (&[u8], &str, &InlineBlobs<'_>),
+    ) -> Option<(i64, u64)> {
+        let admission = &deferred.admission.checkpoint;
+        let (reply, mut answer) = oneshot::channel();
+        self.leases.takes().push(TakeJob {
+            thread: deferred.thread.clone(),
+            graph: deferred.graph.clone(),
+            owner: deferred.owner.clone(),
+            key: held.key,
+            id: admission.id as i64,
+            parent: admission.parent.map(|p| p as i64),
+            step: admission.step as i64,
+            source: admission.source.as_str().to_owned(),
+            body: body.to_vec(),
+            metadata: metadata.to_owned(),
+            channels: channels.iter().flatten().map(|c| (*c).to_owned()).collect(),
+            bases: bases.clone().unwrap_or_default(),
+            data: data.iter().flatten().map(|d| d.to_vec()).collect(),
+            reply,
+        });
+        let mut guard = self.leases.conn.lock().await;
+        match answer.try_recv() {
+            Ok(made) => return made,
+            Err(oneshot::error::TryRecvError::Closed) => return None,
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
+        let mut jobs = std::mem::take(&mut *self.leases.takes());
+        if jobs.len() < 2 {
+            return None; // alone: this job, dropped with `jobs`
+        }
+        // One take per lock in a statement; a second one (the same thread twice) goes alone.
+        let mut keys = HashSet::with_capacity(jobs.len());
+        let mut batch = Vec::with_capacity(jobs.len());
+        for job in jobs.drain(..) {
+            if keys.insert(job.key) {
+                batch.push(job);
+            } else {
+                let _ = job.reply.send(None);
+            }
+        }
+        let made = match self.leases.connect_if_gone(&mut guard).await {
+            Ok(()) => {
+                // Dropped while its statement is in flight (its caller gave up), this holder
+                // leaves the session's locks unknown: the session is closed, as after a failed
+                // statement, and each take it carried, answered by nobody, goes alone on a new one.
+                let mut sending = CloseUnlessDone(&mut guard, false);
+                let made = self.send_takes(sending.0, &batch).await;
+                sending.1 = true;
+                made
+            }
+            Err(_) => None, // each take alone reports it
+        };
+        let generation = guard.0;
+        let made = made.unwrap_or_default();
+        for (n, job) in batch.into_iter().enumerate() {
+            let made = made.get(&(n as i64 + 1)).map(|&tid| (tid, generation));
+            if job.reply.send(made).is_err() && made.is_some() {
+                // Its caller is gone: nobody will hold that lock, which the next lease
+                // statement gives back.
+                self.leases.unlocks.lock().unwrap_or_else(PoisonError::into_inner).push((job.key, generation));
+            }
+        }
+        drop(guard);
+        answer.try_recv().ok().flatten()
+    }
+
+    /// Sends `takes` in one [`TAKE_NEW_BATCH_SQL`] on the lease session: the threads it made (by
+    /// 1-based position), their locks held; `None` if it failed (the session is dropped, its
+    /// locks with it, as a lone take does on failure).
+    async fn send_takes(
+        &self,
+        guard: &mut (u64, Option<PgConnection>),
+        takes: &[TakeJob],
+    ) -> Option<HashMap<i64, i64>> {
+        let generation = guard.0;
+        let conn = guard.1.as_mut()?;
+        let (mut lo, mut hi) = (Vec::with_capacity(takes.len()), Vec::with_capacity(takes.len()));
+        let mut next = 1;
+        for take in takes {
+            lo.push(next);
+            next += take.channels.len() as i32;
+            hi.push(next - 1);
+        }
+        let size: usize = takes
+            .iter()
+            .map(|t| t.body.len() + t.metadata.len() + t.data.iter().map(Vec::len).sum::<usize>() + 96)
+            .sum();
+        let rows: std::result::Result<Vec<(i64, bool, Option<i64>)>, _> =
+            sqlx::query_as_with(TAKE_NEW_BATCH_SQL, arguments(17, size))
+                .bind(takes.iter().map(|t| t.thread.as_str()).collect::<Vec<_>>())
+                .bind(takes.iter().map(|t| t.graph.name.as_str()).collect::<Vec<_>>())
+                .bind(takes.iter().map(|t| t.graph.hash.as_str()).collect::<Vec<_>>())
+                .bind(takes.iter().map(|t| t.owner.as_str()).collect::<Vec<_>>())
+                .bind(takes.iter().map(|t| t.key).collect::<Vec<_>>())
+                .bind(takes.iter().map(|t| t.id).collect::<Vec<_>>())
+                .bind(takes.iter().map(|t| t.parent).collect::<Vec<_>>())
+                .bind(takes.iter().map(|t| t.step).collect::<Vec<_>>())
+                .bind(takes.iter().map(|t| t.source.as_str()).collect::<Vec<_>>())
+                .bind(takes.iter().map(|t| t.body.as_slice()).collect::<Vec<_>>())
+                .bind(takes.iter().map(|t| t.metadata.as_str()).collect::<Vec<_>>())
+                .bind(lo)
+                .bind(hi)
+                .bind(takes.iter().flat_map(|t| t.channels.iter().map(String::as_str)).collect::<Vec<_>>())
+                .bind(takes.iter().flat_map(|t| t.bases.iter().copied()).collect::<Vec<_>>())
+                .bind(takes.iter().flat_map(|t| t.data.iter().map(Vec::as_slice)).collect::<Vec<_>>())
+                .bind(self.leases.take_unlocks(generation))
+                .fetch_all(&mut *conn)
+                .await;
+        #[cfg(test)]
+        self.leases.take_batches.fetch_add(1, Ordering::Relaxed);
+        let Ok(rows) = rows else {
+            guard.1 = None;
+            return None;
+        };
+        let mut made = HashMap::with_capacity(rows.len());
+        let mut stray = Vec::new();
+        for (n, locked, tid) in rows {
+            match tid {
+                Some(tid) => {
+                    made.insert(n, tid);
+                }
+                None if locked => stray.extend(usize::try_from(n - 1).ok().and_then(|i| takes.get(i)).map(|t| t.key)),
+                None => {}
+            }
+        }
+        if !stray.is_empty() {
+            let unlocked = sqlx::query("SELECT pg_advisory_unlock(k) FROM unnest($1::int8[]) AS k")
+                .bind(stray)
+                .execute(&mut *conn)
+                .await;
+            if unlocked.is_err() {
+                guard.1 = None;
+                return None;
+            }
+        }
+        Some(made)
     }
 
     /// The highest checkpoint id of a thread, across its namespaces, and the root namespace's
@@ -2441,5 +2702,124 @@ mod tests {
         let refused = store.send_deferred(held_lock(&lease).unwrap(), None).await;
         assert!(matches!(&refused, Err(Error::InvalidState(m)) if m.contains("exists already")), "{refused:?}");
         assert_eq!(store.head("t", "").await.unwrap(), Some(3), "nothing of it stored");
+    }
+    /// New threads' takes that wait for the lease session go in one statement: the threads it
+    /// makes are taken, each with its admission, and their leases commit on. A take it does not
+    /// make is sent again alone, which reports why: its lock is held by another session, or a
+    /// thread of that id exists (the lock the statement got for it is given back, so the lock is
+    /// free once more when the take is refused).
+    #[sqlx::test(migrations = false)]
+    async fn takes_waiting_for_the_lease_session_go_in_one_statement(pool: PgPool) {
+        let store = PostgresCheckpointer::from_pool(pool.clone()).await.unwrap();
+        let elsewhere = PostgresCheckpointer::from_pool(pool.clone()).await.unwrap();
+        let held_elsewhere = take(&elsewhere, "held").await;
+        drop(take(&elsewhere, "exists").await);
+        elsewhere.leases.flush_unlocks().await; // `exists` is free, not held
+        let graph = GraphIdentity { name: "g".to_owned(), hash: "h".to_owned() };
+        let threads = ["a", "held", "b", "exists", "c"];
+        let leases: Vec<Lease> = threads
+            .iter()
+            .map(|thread| {
+                let mut admission = commit(1, None, serde_json::json!({"admit": thread}));
+                admission.thread = (*thread).to_owned();
+                let request = LeaseRequest { thread, owner: "me", graph: &graph, allow_graph_change: false };
+                store.defer_take(&request, &admission)
+            })
+            .collect();
+        // Each take queues while the session is busy; the first to get it sends them all.
+        let busy = store.leases.conn.lock().await;
+        let sends = leases.iter().map(|lease| store.send_deferred(held_lock(lease).unwrap(), None));
+        let free = async {
+            while store.leases.takes().len() < threads.len() {
+                tokio::task::yield_now().await;
+            }
+            drop(busy);
+        };
+        let (results, ()) = tokio::join!(futures::future::join_all(sends), free);
+        assert_eq!(store.leases.take_batches.load(Ordering::Relaxed), 1, "one statement for all");
+        for (thread, result) in threads.iter().zip(&results) {
+            match *thread {
+                "held" => assert!(matches!(result, Err(Error::LeaseHeld { .. })), "{thread}: {result:?}"),
+                "exists" => {
+                    assert!(
+                        matches!(result, Err(Error::InvalidState(m)) if m.contains("exists already")),
+                        "{result:?}"
+                    );
+                }
+                _ => assert!(matches!(result, Ok(false)), "{thread}: {result:?}"),
+            }
+        }
+        let admitted: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT t.thread_id, c.id FROM agentic.checkpoints c JOIN agentic.threads t USING (tid) ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(admitted, [("a".to_owned(), 1), ("b".to_owned(), 1), ("c".to_owned(), 1)]);
+        // This session holds the made threads' locks; the refused take left `exists` free.
+        let free: Vec<bool> = sqlx::query_scalar("SELECT pg_try_advisory_lock(k) FROM unnest($1::int8[]) AS k")
+            .bind(["a", "exists"].map(lease_key).to_vec())
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(free, [false, true]);
+        for (lease, thread) in leases.iter().zip(threads).filter(|(_, t)| ["a", "b", "c"].contains(t)) {
+            assert!(!held_lock(lease).unwrap().is_deferred(), "{thread}");
+            store.commit(lease, &step(thread, 2, Some(1), 1)).await.unwrap();
+            assert_eq!(store.head(thread, "").await.unwrap(), Some(2), "{thread}");
+        }
+        drop(held_elsewhere);
+    }
+    /// A statement of several takes that fails (here its session was terminated while the takes
+    /// waited for it) leaves each take to be sent again alone, on a new session: every thread is
+    /// made once, with its admission.
+    #[sqlx::test(migrations = false)]
+    async fn takes_sent_together_on_a_dead_session_are_sent_again_alone(pool: PgPool) {
+        let store = PostgresCheckpointer::from_pool(pool.clone()).await.unwrap();
+        let first = take(&store, "first").await; // opens the lease session
+        let graph = GraphIdentity { name: "g".to_owned(), hash: "h".to_owned() };
+        let threads = ["a", "b", "c"];
+        let leases: Vec<Lease> = threads
+            .iter()
+            .map(|thread| {
+                let mut admission = commit(1, None, serde_json::json!({"admit": thread}));
+                admission.thread = (*thread).to_owned();
+                let request = LeaseRequest { thread, owner: "me", graph: &graph, allow_graph_change: false };
+                store.defer_take(&request, &admission)
+            })
+            .collect();
+        let busy = store.leases.conn.lock().await;
+        let killed: bool = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks
+             WHERE locktype = 'advisory' AND granted AND objid = ($1 & 4294967295)::oid
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .bind(lease_key("first"))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert!(killed, "the lease session was found and terminated");
+        let sends = leases.iter().map(|lease| store.send_deferred(held_lock(lease).unwrap(), None));
+        let free = async {
+            while store.leases.takes().len() < threads.len() {
+                tokio::task::yield_now().await;
+            }
+            drop(busy);
+        };
+        let (results, ()) = tokio::join!(futures::future::join_all(sends), free);
+        assert_eq!(store.leases.take_batches.load(Ordering::Relaxed), 1, "sent together once");
+        assert!(results.iter().all(|r| matches!(r, Ok(false))), "{results:?}");
+        assert_eq!(store.leases.conn.lock().await.0, 2, "the takes alone opened a new session");
+        let admitted: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT t.thread_id, c.id FROM agentic.checkpoints c JOIN agentic.threads t USING (tid) ORDER BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(admitted, [("a".to_owned(), 1), ("b".to_owned(), 1), ("c".to_owned(), 1)]);
+        for (lease, thread) in leases.iter().zip(threads) {
+            store.commit(lease, &step(thread, 2, Some(1), 1)).await.unwrap();
+        }
+        drop(first);
     }
 }
