@@ -2703,6 +2703,47 @@ mod tests {
         assert!(matches!(&refused, Err(Error::InvalidState(m)) if m.contains("exists already")), "{refused:?}");
         assert_eq!(store.head("t", "").await.unwrap(), Some(3), "nothing of it stored");
     }
+    /// Deferred leases of new threads `threads`, each admitted by checkpoint 1.
+    fn deferred_leases(store: &PostgresCheckpointer, threads: &[&str]) -> Vec<Lease> {
+        let graph = GraphIdentity { name: "g".to_owned(), hash: "h".to_owned() };
+        threads
+            .iter()
+            .map(|thread| {
+                let mut admission = commit(1, None, serde_json::json!({"admit": thread}));
+                admission.thread = (*thread).to_owned();
+                let request = LeaseRequest { thread, owner: "me", graph: &graph, allow_graph_change: false };
+                store.defer_take(&request, &admission)
+            })
+            .collect()
+    }
+
+    /// Sends the takes of `leases` alone, all queued while the lease session is `busy`, then
+    /// frees it: the first to get it sends them all.
+    async fn send_queued(
+        store: &PostgresCheckpointer,
+        leases: &[Lease],
+        busy: tokio::sync::MutexGuard<'_, (u64, Option<PgConnection>)>,
+    ) -> Vec<Result<bool>> {
+        let sends = leases.iter().map(|lease| store.send_deferred(held_lock(lease).unwrap(), None));
+        let free = async {
+            while store.leases.takes().len() < leases.len() {
+                tokio::task::yield_now().await;
+            }
+            drop(busy);
+        };
+        tokio::join!(futures::future::join_all(sends), free).0
+    }
+
+    /// The stored checkpoints: thread and id.
+    async fn admitted(pool: &PgPool) -> Vec<(String, i64)> {
+        sqlx::query_as(
+            "SELECT t.thread_id, c.id FROM agentic.checkpoints c JOIN agentic.threads t USING (tid) ORDER BY 1",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap()
+    }
+
     /// New threads' takes that wait for the lease session go in one statement: the threads it
     /// makes are taken, each with its admission, and their leases commit on. A take it does not
     /// make is sent again alone, which reports why: its lock is held by another session, or a
@@ -2715,27 +2756,9 @@ mod tests {
         let held_elsewhere = take(&elsewhere, "held").await;
         drop(take(&elsewhere, "exists").await);
         elsewhere.leases.flush_unlocks().await; // `exists` is free, not held
-        let graph = GraphIdentity { name: "g".to_owned(), hash: "h".to_owned() };
         let threads = ["a", "held", "b", "exists", "c"];
-        let leases: Vec<Lease> = threads
-            .iter()
-            .map(|thread| {
-                let mut admission = commit(1, None, serde_json::json!({"admit": thread}));
-                admission.thread = (*thread).to_owned();
-                let request = LeaseRequest { thread, owner: "me", graph: &graph, allow_graph_change: false };
-                store.defer_take(&request, &admission)
-            })
-            .collect();
-        // Each take queues while the session is busy; the first to get it sends them all.
-        let busy = store.leases.conn.lock().await;
-        let sends = leases.iter().map(|lease| store.send_deferred(held_lock(lease).unwrap(), None));
-        let free = async {
-            while store.leases.takes().len() < threads.len() {
-                tokio::task::yield_now().await;
-            }
-            drop(busy);
-        };
-        let (results, ()) = tokio::join!(futures::future::join_all(sends), free);
+        let leases = deferred_leases(&store, &threads);
+        let results = send_queued(&store, &leases, store.leases.conn.lock().await).await;
         assert_eq!(store.leases.take_batches.load(Ordering::Relaxed), 1, "one statement for all");
         for (thread, result) in threads.iter().zip(&results) {
             match *thread {
@@ -2749,13 +2772,7 @@ mod tests {
                 _ => assert!(matches!(result, Ok(false)), "{thread}: {result:?}"),
             }
         }
-        let admitted: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT t.thread_id, c.id FROM agentic.checkpoints c JOIN agentic.threads t USING (tid) ORDER BY 1",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-        assert_eq!(admitted, [("a".to_owned(), 1), ("b".to_owned(), 1), ("c".to_owned(), 1)]);
+        assert_eq!(admitted(&pool).await, [("a".to_owned(), 1), ("b".to_owned(), 1), ("c".to_owned(), 1)]);
         // This session holds the made threads' locks; the refused take left `exists` free.
         let free: Vec<bool> = sqlx::query_scalar("SELECT pg_try_advisory_lock(k) FROM unnest($1::int8[]) AS k")
             .bind(["a", "exists"].map(lease_key).to_vec())
@@ -2770,6 +2787,7 @@ mod tests {
         }
         drop(held_elsewhere);
     }
+
     /// A statement of several takes that fails (here its session was terminated while the takes
     /// waited for it) leaves each take to be sent again alone, on a new session: every thread is
     /// made once, with its admission.
@@ -2777,17 +2795,8 @@ mod tests {
     async fn takes_sent_together_on_a_dead_session_are_sent_again_alone(pool: PgPool) {
         let store = PostgresCheckpointer::from_pool(pool.clone()).await.unwrap();
         let first = take(&store, "first").await; // opens the lease session
-        let graph = GraphIdentity { name: "g".to_owned(), hash: "h".to_owned() };
         let threads = ["a", "b", "c"];
-        let leases: Vec<Lease> = threads
-            .iter()
-            .map(|thread| {
-                let mut admission = commit(1, None, serde_json::json!({"admit": thread}));
-                admission.thread = (*thread).to_owned();
-                let request = LeaseRequest { thread, owner: "me", graph: &graph, allow_graph_change: false };
-                store.defer_take(&request, &admission)
-            })
-            .collect();
+        let leases = deferred_leases(&store, &threads);
         let busy = store.leases.conn.lock().await;
         let killed: bool = sqlx::query_scalar(
             "SELECT pg_terminate_backend(pid) FROM pg_locks
@@ -2799,24 +2808,11 @@ mod tests {
         .await
         .unwrap();
         assert!(killed, "the lease session was found and terminated");
-        let sends = leases.iter().map(|lease| store.send_deferred(held_lock(lease).unwrap(), None));
-        let free = async {
-            while store.leases.takes().len() < threads.len() {
-                tokio::task::yield_now().await;
-            }
-            drop(busy);
-        };
-        let (results, ()) = tokio::join!(futures::future::join_all(sends), free);
+        let results = send_queued(&store, &leases, busy).await;
         assert_eq!(store.leases.take_batches.load(Ordering::Relaxed), 1, "sent together once");
         assert!(results.iter().all(|r| matches!(r, Ok(false))), "{results:?}");
         assert_eq!(store.leases.conn.lock().await.0, 2, "the takes alone opened a new session");
-        let admitted: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT t.thread_id, c.id FROM agentic.checkpoints c JOIN agentic.threads t USING (tid) ORDER BY 1",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-        assert_eq!(admitted, [("a".to_owned(), 1), ("b".to_owned(), 1), ("c".to_owned(), 1)]);
+        assert_eq!(admitted(&pool).await, [("a".to_owned(), 1), ("b".to_owned(), 1), ("c".to_owned(), 1)]);
         for (lease, thread) in leases.iter().zip(threads) {
             store.commit(lease, &step(thread, 2, Some(1), 1)).await.unwrap();
         }
