@@ -1017,7 +1017,7 @@ struct TakeJob {
     id: i64,
     parent: Option<i64>,
     step: i64,
-    source: String,
+    source: &'static str,
     body: Vec<u8>,
     metadata: String,
     channels: Vec<String>,
@@ -1863,7 +1863,7 @@ impl PostgresCheckpointer {
             id: admission.id as i64,
             parent: admission.parent.map(|p| p as i64),
             step: admission.step as i64,
-            source: admission.source.as_str().to_owned(),
+            source: admission.source.as_str(),
             body: body.to_vec(),
             metadata: metadata.to_owned(),
             channels: channels.iter().flatten().map(|c| (*c).to_owned()).collect(),
@@ -1948,7 +1948,7 @@ impl PostgresCheckpointer {
                 .bind(takes.iter().map(|t| t.id).collect::<Vec<_>>())
                 .bind(takes.iter().map(|t| t.parent).collect::<Vec<_>>())
                 .bind(takes.iter().map(|t| t.step).collect::<Vec<_>>())
-                .bind(takes.iter().map(|t| t.source.as_str()).collect::<Vec<_>>())
+                .bind(takes.iter().map(|t| t.source).collect::<Vec<_>>())
                 .bind(takes.iter().map(|t| t.body.as_slice()).collect::<Vec<_>>())
                 .bind(takes.iter().map(|t| t.metadata.as_str()).collect::<Vec<_>>())
                 .bind(lo)
@@ -2817,5 +2817,64 @@ mod tests {
             store.commit(lease, &step(thread, 2, Some(1), 1)).await.unwrap();
         }
         drop(first);
+    }
+    /// A holder dropped while its statement of several takes is in flight (its caller gave up)
+    /// closes the lease session rather than keep a session whose locks it no longer knows: the
+    /// take it carried for another caller goes alone on a new session at once (made, or refused
+    /// while the old backend still holds its lock), and the locks of the abandoned statement go
+    /// when its backend does. Here the statement waits for another transaction inserting `a`.
+    #[sqlx::test(migrations = false)]
+    async fn a_holder_dropped_mid_statement_closes_the_lease_session(pool: PgPool) {
+        let store = PostgresCheckpointer::from_pool(pool.clone()).await.unwrap();
+        let leases = deferred_leases(&store, &["a", "b"]);
+        let mut blocker = pool.begin().await.unwrap();
+        sqlx::query("INSERT INTO agentic.threads (thread_id, graph_name, graph_hash, epoch) VALUES ('a', 'g', 'h', 1)")
+            .execute(&mut *blocker)
+            .await
+            .unwrap();
+        let busy = store.leases.conn.lock().await;
+        let mut holder = Box::pin(store.send_deferred(held_lock(&leases[0]).unwrap(), None));
+        let mut other = Box::pin(store.send_deferred(held_lock(&leases[1]).unwrap(), None));
+        assert!(futures::poll!(&mut holder).is_pending() && futures::poll!(&mut other).is_pending());
+        drop(busy);
+        let waiting = async {
+            loop {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                         AND wait_event_type = 'Lock' AND query LIKE '%WITH ORDINALITY AS r(thread_id%'",
+                )
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                if waiting > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::select! {
+            done = &mut holder => panic!("the statement should wait for `a`: {done:?}"),
+            () = waiting => {}
+        }
+        drop(holder);
+        let other = tokio::time::timeout(Duration::from_secs(10), other).await.expect("not stuck behind the statement");
+        assert!(matches!(other, Ok(false) | Err(Error::LeaseHeld { .. })), "{other:?}");
+        assert_eq!(store.leases.conn.lock().await.0, 2, "the session was closed and opened anew");
+        blocker.rollback().await.unwrap();
+        // The old backend finishes its statement, cannot answer, and exits: `a` is free.
+        let free = async {
+            loop {
+                let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(lease_key("a"))
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                if free {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), free).await.expect("the abandoned statement's lock was released");
     }
 }
