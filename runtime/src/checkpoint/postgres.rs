@@ -1906,7 +1906,7 @@ impl PostgresCheckpointer {
         let generation = guard.0;
         let made = made.unwrap_or_default();
         for (n, job) in batch.into_iter().enumerate() {
-            let made = made.get(&(n as i64 + 1)).map(|&tid| (tid, generation));
+            let made = made.get(n).copied().flatten().map(|tid| (tid, generation));
             if job.reply.send(made).is_err() && made.is_some() {
                 // Its caller is gone: nobody will hold that lock, which the next lease
                 // statement gives back.
@@ -1917,14 +1917,10 @@ impl PostgresCheckpointer {
         answer.try_recv().ok().flatten()
     }
 
-    /// Sends `takes` in one [`TAKE_NEW_BATCH_SQL`] on the lease session: the threads it made (by
-    /// 1-based position), their locks held; `None` if it failed (the session is dropped, its
-    /// locks with it, as a lone take does on failure).
-    async fn send_takes(
-        &self,
-        guard: &mut (u64, Option<PgConnection>),
-        takes: &[TakeJob],
-    ) -> Option<HashMap<i64, i64>> {
+    /// Sends `takes` in one [`TAKE_NEW_BATCH_SQL`] on the lease session: per take, in order, the
+    /// thread it made (its lock held), if it did; `None` if it failed (the session is dropped,
+    /// its locks with it, as a lone take does on failure).
+    async fn send_takes(&self, guard: &mut (u64, Option<PgConnection>), takes: &[TakeJob]) -> Option<Vec<Option<i64>>> {
         let generation = guard.0;
         let conn = guard.1.as_mut()?;
         let (mut lo, mut hi) = (Vec::with_capacity(takes.len()), Vec::with_capacity(takes.len()));
@@ -1965,15 +1961,13 @@ impl PostgresCheckpointer {
             guard.1 = None;
             return None;
         };
-        let mut made = HashMap::with_capacity(rows.len());
+        let mut made = vec![None; takes.len()];
         let mut stray = Vec::new();
         for (n, locked, tid) in rows {
-            match tid {
-                Some(tid) => {
-                    made.insert(n, tid);
-                }
-                None if locked => stray.extend(usize::try_from(n - 1).ok().and_then(|i| takes.get(i)).map(|t| t.key)),
-                None => {}
+            let Some(i) = usize::try_from(n - 1).ok().filter(|&i| i < takes.len()) else { continue };
+            made[i] = tid;
+            if tid.is_none() && locked {
+                stray.push(takes[i].key);
             }
         }
         if !stray.is_empty() {
