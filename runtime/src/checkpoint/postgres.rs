@@ -224,9 +224,11 @@ struct LeaseSession {
     /// is refused here, while the session that holds the lock lives.
     held: Mutex<HashMap<i64, u64>>,
     /// Locks of dropped leases not unlocked yet (key, session generation): the next statement
-    /// that takes a lease unlocks them (a new thread's take one of them), or a flush
+    /// that takes a lease unlocks them (a new thread's take one of them), or the flush at most
     /// [`UNLOCK_DELAY`] after the drop.
     unlocks: Mutex<Vec<(i64, u64)>>,
+    /// Whether a flush of [`Self::unlocks`] is scheduled: drops meanwhile leave their keys to it.
+    flush_armed: AtomicBool,
     /// Leases of new threads whose take waits for their first need of the thread (see
     /// [`Deferred`]), by thread: a pending write names only the thread.
     deferred: Mutex<HashMap<String, Weak<HeldLock>>>,
@@ -236,11 +238,16 @@ struct LeaseSession {
     /// Statements that carried several takes.
     #[cfg(test)]
     take_batches: AtomicU64,
+    /// Flushes of [`Self::unlocks`] scheduled.
+    #[cfg(test)]
+    flushes: AtomicU64,
 }
 
-/// How long a dropped lease's lock waits for a lease statement to carry its unlock before it is
-/// sent alone: a runner that takes its next thread at once saves a round trip per run.
-const UNLOCK_DELAY: Duration = Duration::from_millis(2);
+/// How long a dropped lease's lock may wait for a lease statement to carry its unlock before it
+/// is sent alone: a runner that takes its next thread at once saves a round trip per run. One
+/// flush serves every drop until it fires, so a runner busy with runs shorter than this arms a
+/// timer (a wake-up of another worker thread each way) once per delay, not once per run.
+const UNLOCK_DELAY: Duration = Duration::from_millis(10);
 
 impl LeaseSession {
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<i64, u64>> {
@@ -288,6 +295,30 @@ impl LeaseSession {
         unlocks.pop().map(|(key, _)| key)
     }
 
+    /// Queues a dropped lease's unlock for the next lease statement, and makes sure a flush will
+    /// send it within [`UNLOCK_DELAY`] if none does.
+    fn unlock_later(self: &Arc<Self>, key: i64, generation: u64) {
+        self.unlocks.lock().unwrap_or_else(PoisonError::into_inner).push((key, generation));
+        if self.flush_armed.swap(true, Ordering::SeqCst) {
+            return; // the flush scheduled takes this key too
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to wait in: the next lease statement carries the key.
+            self.flush_armed.store(false, Ordering::SeqCst);
+            return;
+        };
+        let armed = ArmedFlush(Arc::clone(self));
+        #[cfg(test)]
+        self.flushes.fetch_add(1, Ordering::Relaxed);
+        runtime.spawn(async move {
+            tokio::time::sleep(UNLOCK_DELAY).await;
+            let session = Arc::clone(&armed.0);
+            // Disarmed before the keys are taken: a drop from now on schedules a flush of its own.
+            drop(armed);
+            session.flush_unlocks().await;
+        });
+    }
+
     /// Unlocks the keys of dropped leases that no lease statement carried.
     async fn flush_unlocks(&self) {
         // Usually a lease statement carried them already: then the session is not touched (its
@@ -307,6 +338,16 @@ impl LeaseSession {
                 guard.1 = None; // a broken session: its locks are gone with it
             }
         }
+    }
+}
+
+/// A scheduled flush of a lease session's unlocks ([`LeaseSession::unlock_later`]): dropped when
+/// it fires, or with its runtime, it disarms the flush.
+struct ArmedFlush(Arc<LeaseSession>);
+
+impl Drop for ArmedFlush {
+    fn drop(&mut self) {
+        self.0.flush_armed.store(false, Ordering::SeqCst);
     }
 }
 
@@ -462,13 +503,7 @@ impl Drop for HeldLock {
                 held.remove(&self.key);
             }
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        self.session.unlocks.lock().unwrap_or_else(PoisonError::into_inner).push((self.key, generation));
-        let session = Arc::clone(&self.session);
-        runtime.spawn(async move {
-            tokio::time::sleep(UNLOCK_DELAY).await;
-            session.flush_unlocks().await;
-        });
+        self.session.unlock_later(self.key, generation);
     }
 }
 
@@ -1163,10 +1198,13 @@ impl PostgresCheckpointer {
             conn: tokio::sync::Mutex::new((0, None)),
             held: Mutex::default(),
             unlocks: Mutex::default(),
+            flush_armed: AtomicBool::new(false),
             deferred: Mutex::default(),
             takes: Mutex::default(),
             #[cfg(test)]
             take_batches: AtomicU64::new(0),
+            #[cfg(test)]
+            flushes: AtomicU64::new(0),
         });
         let direct = PostgresCheckpointer {
             pool,
@@ -2870,5 +2908,44 @@ mod tests {
             }
         };
         tokio::time::timeout(Duration::from_secs(10), free).await.expect("the abandoned statement's lock was released");
+    }
+
+    /// Advisory locks granted in this test's database.
+    async fn advisory_locks(pool: &PgPool) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    }
+
+    /// Waits until no advisory lock is held in this test's database.
+    async fn all_unlocked(pool: &PgPool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while advisory_locks(pool).await > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "dropped leases still locked after 5 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[sqlx::test(migrations = false)]
+    async fn leases_dropped_while_a_flush_is_armed_go_with_it(pool: PgPool) {
+        let store = PostgresCheckpointer::from_pool(pool.clone()).await.unwrap();
+        let leases = vec![take(&store, "a").await, take(&store, "b").await, take(&store, "c").await];
+        assert_eq!(advisory_locks(&pool).await, 3);
+        // Dropped with no await between them on this test's one-thread runtime: the flush the
+        // first drop schedules cannot fire before the last.
+        drop(leases);
+        assert_eq!(store.leases.flushes.load(Ordering::Relaxed), 1);
+        // No lease statement comes to carry the unlocks: that one flush sends all three.
+        all_unlocked(&pool).await;
+        assert_eq!(store.leases.flushes.load(Ordering::Relaxed), 1);
+
+        // Once it has fired, the next drop schedules a flush of its own.
+        drop(take(&store, "d").await);
+        assert_eq!(store.leases.flushes.load(Ordering::Relaxed), 2);
+        all_unlocked(&pool).await;
     }
 }
