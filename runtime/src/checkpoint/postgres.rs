@@ -1946,9 +1946,9 @@ impl PostgresCheckpointer {
         for (n, job) in batch.into_iter().enumerate() {
             let made = made.get(n).copied().flatten().map(|tid| (tid, generation));
             if job.reply.send(made).is_err() && made.is_some() {
-                // Its caller is gone: nobody will hold that lock, which the next lease
-                // statement gives back.
-                self.leases.unlocks.lock().unwrap_or_else(PoisonError::into_inner).push((job.key, generation));
+                // Its caller is gone: nobody will hold that lock. It is let go as a dropped
+                // lease's is: by the next lease statement, or by the flush.
+                self.leases.unlock_later(job.key, generation);
             }
         }
         drop(guard);
@@ -2947,5 +2947,35 @@ mod tests {
         drop(take(&store, "d").await);
         assert_eq!(store.leases.flushes.load(Ordering::Relaxed), 2);
         all_unlocked(&pool).await;
+    }
+
+    /// A take whose caller gave up while it waited for the lease session, made by another
+    /// caller's statement, holds a lock no lease will release: it is unlocked as a dropped
+    /// lease's is, by the flush, with no other statement to carry it.
+    #[sqlx::test(migrations = false)]
+    async fn a_take_made_for_a_caller_gone_is_unlocked_by_the_flush(pool: PgPool) {
+        let store = PostgresCheckpointer::from_pool(pool.clone()).await.unwrap();
+        let mut leases = deferred_leases(&store, &["gone", "kept"]);
+        let busy = store.leases.conn.lock().await;
+        let mut gone = Box::pin(store.send_deferred(held_lock(&leases[0]).unwrap(), None));
+        assert!(futures::poll!(&mut gone).is_pending());
+        assert_eq!(store.leases.takes().len(), 1, "the take waits in the queue");
+        drop(gone);
+        drop(leases.remove(0));
+        let results = send_queued(&store, &leases, busy).await;
+        assert!(matches!(results[..], [Ok(false)]), "{results:?}");
+        assert_eq!(store.leases.take_batches.load(Ordering::Relaxed), 1, "both in one statement");
+        assert_eq!(admitted(&pool).await, [("gone".to_owned(), 1), ("kept".to_owned(), 1)]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while advisory_locks(&pool).await > 1 {
+            assert!(tokio::time::Instant::now() < deadline, "the abandoned take's lock is still held after 5 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let free: Vec<bool> = sqlx::query_scalar("SELECT pg_try_advisory_lock(k) FROM unnest($1::int8[]) AS k")
+            .bind(["gone", "kept"].map(lease_key).to_vec())
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(free, [true, false], "`gone` free, `kept` still held by its lease");
     }
 }
